@@ -1,0 +1,1 @@
+"""Agent sources: one module per hardware source, all behind agent.sources.base.Source."""

@@ -1,0 +1,203 @@
+"""The DuckDB store: series identity apart from samples.
+
+Layout (docs/storage.md has the user-facing description):
+
+    series(id INTEGER, metric VARCHAR, labels MAP(VARCHAR, VARCHAR), fingerprint UBIGINT)
+        one row per distinct label set; `labels` excludes __name__ (that is `metric`).
+    samples(series_id INTEGER, ts BIGINT, value DOUBLE)
+        ts in milliseconds since the epoch; value NULL is a Prometheus staleness marker
+        (DuckDB does not keep NaN payload bits, so the special stale NaN cannot be stored as-is).
+
+Small integer ids, millisecond integers and doubles compress well in DuckDB's columnar
+segments (bit-packing, delta, ALP); compaction (see writer) keeps samples clustered by series.
+
+All writes go through one connection guarded by a lock; readers use their own cursors so a
+query never holds the writer up for long (DuckDB MVCC).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import duckdb
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id          INTEGER PRIMARY KEY,
+    metric      VARCHAR NOT NULL,
+    labels      MAP(VARCHAR, VARCHAR) NOT NULL,
+    fingerprint UBIGINT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS samples (
+    series_id INTEGER NOT NULL,
+    ts        BIGINT  NOT NULL,
+    value     DOUBLE
+);
+"""
+
+NAME = "__name__"
+
+
+def fingerprint(metric: str, labels: Mapping[str, str]) -> int:
+    """Stable 64-bit identity of a label set (independent of label order)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(metric.encode())
+    for k in sorted(labels):
+        h.update(b"\xff" + k.encode() + b"\xfe" + labels[k].encode())
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """A label matcher as PromQL writes it: name op value, op one of = != =~ !~."""
+
+    name: str
+    op: str
+    value: str
+
+    def sql(self, params: list) -> str:
+        """A SQL predicate over the `series` table (Prometheus semantics: a missing label is '')."""
+        col = "metric" if self.name == NAME else "coalesce(labels[?], '')"
+        if self.name != NAME:
+            params.append(self.name)
+        params.append(self.value)
+        if self.op == "=":
+            return f"{col} = ?"
+        if self.op == "!=":
+            return f"{col} <> ?"
+        # Prometheus regexes are RE2 and fully anchored; DuckDB uses RE2 too.
+        if self.op == "=~":
+            return f"regexp_full_match({col}, ?)"
+        if self.op == "!~":
+            return f"NOT regexp_full_match({col}, ?)"
+        raise ValueError(f"unknown matcher op {self.op!r}")
+
+    def matches(self, value: str) -> bool:
+        if self.op == "=":
+            return value == self.value
+        if self.op == "!=":
+            return value != self.value
+        hit = re.fullmatch(self.value, value, re.DOTALL) is not None
+        return hit if self.op == "=~" else not hit
+
+
+@dataclass
+class SeriesSamples:
+    """Samples of many series, as flat numpy arrays sorted by (series, ts)."""
+
+    series_ids: np.ndarray   # int32, one per sample
+    ts: np.ndarray           # int64 ms
+    values: np.ndarray       # float64; NaN where the stored value was NULL (stale) -> see `stale`
+    stale: np.ndarray        # bool
+
+
+class Store:
+    """Embedded DuckDB store. One instance per process; thread-safe."""
+
+    def __init__(self, path: str = ":memory:", *, read_only: bool = False, threads: int | None = None):
+        config = {"threads": threads} if threads else {}
+        self.path = path
+        self.con = duckdb.connect(path, read_only=read_only, config=config)
+        self.write_lock = threading.RLock()
+        if not read_only:
+            self.con.execute(SCHEMA)
+        self._ids: dict[int, int] = {}   # fingerprint -> series id
+        self._next_id = 1
+        self._load_series_cache()
+
+    # ------------------------------------------------------------------ series identity
+    def _load_series_cache(self) -> None:
+        rows = self.con.execute("SELECT fingerprint, id FROM series").fetchall()
+        self._ids = {int(fp): int(i) for fp, i in rows}
+        self._next_id = max(self._ids.values(), default=0) + 1
+
+    def series_count(self) -> int:
+        return len(self._ids)
+
+    def series_id(self, metric: str, labels: Mapping[str, str], *, create: bool = True) -> int | None:
+        """Id of a label set, creating it (committed at once) when new."""
+        fp = fingerprint(metric, labels)
+        sid = self._ids.get(fp)
+        if sid is not None or not create:
+            return sid
+        with self.write_lock:
+            sid = self._ids.get(fp)
+            if sid is None:
+                sid = self._next_id
+                keys = sorted(labels)
+                self.con.execute("INSERT INTO series VALUES (?, ?, MAP(?, ?), ?)",
+                                 [sid, metric, keys, [labels[k] for k in keys], fp])
+                self._next_id += 1
+                self._ids[fp] = sid
+        return sid
+
+    # ------------------------------------------------------------------ writes
+    def append(self, series_ids: Sequence[int] | np.ndarray, ts: Sequence[int] | np.ndarray,
+               values: Sequence[float | None] | np.ndarray) -> None:
+        """Append samples in one transaction (values: None or NaN-with-stale flag -> NULL)."""
+        import pyarrow as pa
+
+        vals = pa.array(values, type=pa.float64(), from_pandas=False)
+        table = pa.table({"series_id": pa.array(series_ids, type=pa.int32()),
+                          "ts": pa.array(ts, type=pa.int64()), "value": vals})
+        with self.write_lock:
+            self.con.register("_incoming", table)
+            try:
+                self.con.execute("INSERT INTO samples SELECT * FROM _incoming")
+            finally:
+                self.con.unregister("_incoming")
+
+    def append_series(self, rows: Iterable[tuple[str, Mapping[str, str], int, float | None]]) -> int:
+        """Convenience for tests and loaders: (metric, labels, ts_ms, value) rows."""
+        sids, tss, vals = [], [], []
+        for metric, labels, ts, value in rows:
+            sids.append(self.series_id(metric, labels))
+            tss.append(ts)
+            vals.append(value)
+        if sids:
+            self.append(sids, tss, vals)
+        return len(sids)
+
+    # ------------------------------------------------------------------ reads
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A reader cursor of its own (use one per thread/query)."""
+        return self.con.cursor()
+
+    def select_series(self, matchers: Sequence[Matcher], cur=None) -> list[tuple[int, str, dict[str, str]]]:
+        """(id, metric, labels) of every series that all matchers select."""
+        params: list = []
+        where = " AND ".join(m.sql(params) for m in matchers) or "TRUE"
+        cur = cur or self.cursor()
+        rows = cur.execute(f"SELECT id, metric, labels FROM series WHERE {where} ORDER BY id",
+                           params).fetchall()
+        return [(int(i), metric, dict(labels)) for i, metric, labels in rows]
+
+    def fetch(self, series_ids: Sequence[int], start_ms: int, end_ms: int, cur=None) -> SeriesSamples:
+        """Samples with start_ms <= ts <= end_ms of the given series, sorted by (series, ts)."""
+        cur = cur or self.cursor()
+        if len(series_ids) == 0:
+            empty = np.empty(0)
+            return SeriesSamples(empty.astype(np.int32), empty.astype(np.int64), empty, empty.astype(bool))
+        res = cur.execute(
+            "SELECT series_id, ts, value FROM samples "
+            "WHERE series_id IN (SELECT unnest(?::INTEGER[])) AND ts BETWEEN ? AND ? "
+            "ORDER BY series_id, ts",
+            [list(map(int, series_ids)), int(start_ms), int(end_ms)],
+        ).fetchnumpy()
+        values = res["value"]
+        if np.ma.isMaskedArray(values):
+            stale = np.ma.getmaskarray(values)
+            values = values.filled(np.nan)
+        else:
+            stale = np.zeros(len(values), dtype=bool)
+        return SeriesSamples(np.asarray(res["series_id"], dtype=np.int32),
+                             np.asarray(res["ts"], dtype=np.int64),
+                             np.asarray(values, dtype=np.float64), stale)
+
+    def close(self) -> None:
+        self.con.close()
