@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS samples (
     ts        BIGINT  NOT NULL,
     value     DOUBLE
 );
+-- Keys of acknowledged ingest batches, written in the same transaction as their samples, so a
+-- retried batch (the client never saw our 200) is recognised and not stored twice.
+CREATE TABLE IF NOT EXISTS ingest_batches (
+    key         BLOB PRIMARY KEY,
+    received_ms BIGINT NOT NULL,
+    samples     INTEGER NOT NULL
+);
 """
 
 NAME = "__name__"
@@ -107,6 +114,7 @@ class Store:
         if not read_only:
             self.con.execute(SCHEMA)
         self._ids: dict[int, int] = {}   # fingerprint -> series id
+        self._metric_series: dict[str, int] = {}   # metric -> number of series (cardinality limits)
         self._next_id = 1
         self._load_series_cache()
 
@@ -115,6 +123,11 @@ class Store:
         rows = self.con.execute("SELECT fingerprint, id FROM series").fetchall()
         self._ids = {int(fp): int(i) for fp, i in rows}
         self._next_id = max(self._ids.values(), default=0) + 1
+        self._metric_series = {m: int(n) for m, n in
+                               self.con.execute("SELECT metric, count(*) FROM series GROUP BY metric").fetchall()}
+
+    def metric_series_count(self, metric: str) -> int:
+        return self._metric_series.get(metric, 0)
 
     def series_count(self) -> int:
         return len(self._ids)
@@ -134,6 +147,7 @@ class Store:
                                  [sid, metric, keys, [labels[k] for k in keys], fp])
                 self._next_id += 1
                 self._ids[fp] = sid
+                self._metric_series[metric] = self._metric_series.get(metric, 0) + 1
         return sid
 
     # ------------------------------------------------------------------ writes

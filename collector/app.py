@@ -1,0 +1,171 @@
+"""The collector's FastAPI application: shared context, auth, and the routers of every area.
+
+create_app(config) opens the store, builds the single Writer, an apscheduler BackgroundScheduler
+(started with the app, stopped with it) and mounts:
+    collector.receive.otlp         POST /v1/metrics            (this area)
+    collector.receive.remote_write POST /api/v1/write          (this area)
+    collector.sql                  POST /api/v1/sql            (this area)
+    collector.promql.api           /api/v1/query, ...          (E)
+    collector.rules.service        /api/v1/rules, /api/v1/alerts (F)
+    collector.health.api           health verdicts             (G1)
+    collector.remediate.api        remediation                 (G2)
+Each module exposes make_router(ctx) -> fastapi.APIRouter. While the team builds in parallel a
+missing module is logged and skipped.
+
+Authentication: when a token is configured every endpoint except /-/healthy and /-/ready needs
+`Authorization: Bearer <token>` (Grafana's Prometheus data source sends it as a custom header).
+Self-metrics: other areas register theirs on ctx.registry; GET /metrics exposes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from fastapi import FastAPI, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from agent.catalog import catalog
+from collector.config import Config
+from collector.store.core import Store
+from collector.store.writer import Writer
+
+log = logging.getLogger("shopfloor.collector")
+disable_created_metrics()   # the *_created series only double what scrapers store
+
+ROUTER_MODULES = (
+    "collector.receive.otlp",
+    "collector.receive.remote_write",
+    "collector.sql",
+    "collector.promql.api",
+    "collector.rules.service",
+    "collector.health.api",
+    "collector.remediate.api",
+)
+OPEN_PATHS = ("/-/healthy", "/-/ready")
+
+
+def _prom_base(otel_name: str) -> str:
+    """Name prometheus_client wants for a catalog counter (it appends _total itself)."""
+    name = catalog().prom(otel_name)
+    return name[:-len("_total")] if name.endswith("_total") else name
+
+
+class IngestMetrics:
+    """The collector's own ingest figures, named by the catalog's collector entries."""
+
+    def __init__(self, registry: CollectorRegistry, store: Store):
+        cat = catalog()
+        self.samples = Counter(_prom_base("shopfloor.collector.ingest.samples"),
+                               cat["shopfloor.collector.ingest.samples"].help,
+                               ["protocol", "outcome"], registry=registry)
+        self.requests = Counter(_prom_base("shopfloor.collector.ingest.requests"),
+                                cat["shopfloor.collector.ingest.requests"].help,
+                                ["protocol", "code"], registry=registry)
+        self.shed = Counter(_prom_base("shopfloor.collector.ingest.shed"),
+                            cat["shopfloor.collector.ingest.shed"].help, ["protocol"], registry=registry)
+        series = Gauge(cat.prom("shopfloor.collector.series"), cat["shopfloor.collector.series"].help,
+                       registry=registry)
+        series.set_function(store.series_count)
+
+    def count(self, protocol: str, result) -> None:
+        for outcome in ("accepted", "duplicate", "limited", "rejected"):
+            n = getattr(result, outcome)
+            if n:
+                self.samples.labels(protocol, outcome).inc(n)
+
+
+@dataclass
+class AppContext:
+    config: Config
+    store: Store
+    writer: Writer
+    scheduler: BackgroundScheduler
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    ingest_metrics: Any = None
+    extras: dict = field(default_factory=dict)   # per-area state, keyed by area name
+
+
+class AuthMiddleware:
+    """Bearer-token check as plain ASGI middleware (cheap on the ingest hot path)."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        got = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(got, self.expected):
+            return await self.app(scope, receive, send)
+        body = b'{"status":"error","errorType":"unauthorized","error":"missing or wrong bearer token"}'
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"www-authenticate", b'Bearer realm="shopfloor"'),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def make_context(config: Config) -> AppContext:
+    store = Store(config.db)
+    writer = Writer(store, max_series_per_metric=config.ingest.max_series_per_metric,
+                    max_series_total=config.ingest.max_series_total)
+    ctx = AppContext(config=config, store=store, writer=writer,
+                     scheduler=BackgroundScheduler(timezone="UTC"))
+    ctx.ingest_metrics = IngestMetrics(ctx.registry, store)
+    return ctx
+
+
+def create_app(config: Config, ctx: AppContext | None = None) -> FastAPI:
+    ctx = ctx or make_context(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.scheduler.start()
+        try:
+            yield
+        finally:
+            ctx.scheduler.shutdown(wait=True)
+            with ctx.store.write_lock:
+                with contextlib.suppress(Exception):
+                    ctx.store.con.execute("CHECKPOINT")
+                ctx.store.close()
+
+    app = FastAPI(title="Shopfloor collector", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+
+    @app.get("/-/healthy")
+    def healthy() -> Response:
+        return Response("Shopfloor collector is Healthy.\n", media_type="text/plain")
+
+    @app.get("/-/ready")
+    def ready() -> Response:
+        return Response("Shopfloor collector is Ready.\n", media_type="text/plain")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for module in ROUTER_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                log.warning("router %s not available yet (%s); skipped", module, exc)
+                continue
+            raise
+        app.include_router(mod.make_router(ctx))
+
+    from collector.store import maintenance   # rollups, compaction, retention, export
+    maintenance.schedule(ctx)
+
+    if config.token:
+        app.add_middleware(AuthMiddleware, token=config.token)
+    return app
