@@ -1,0 +1,153 @@
+"""Prometheus exposition of the agent's latest collection (/metrics and `agent scrape --once`).
+
+prometheus_client does the text format (escaping, number formatting, HELP/TYPE lines); this
+module only turns catalog points into its metric families. Names, types and help come from the
+catalog; labels are the resource labels (cluster, node, rack, site labels) plus the point's
+attributes, so a Prometheus scrape of /metrics yields the same series the collector stores from
+OTLP. No timestamps are exposed (like node_exporter): Prometheus stamps the scrape time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterable, Mapping
+
+from prometheus_client.core import CollectorRegistry, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.catalog import catalog, prometheus_label
+from agent.sources.base import Point
+
+log = logging.getLogger(__name__)
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(labels: Mapping[str, str]) -> tuple:
+    """Sort key that puts chip 2 before chip 10 (stable, readable output)."""
+    return tuple(tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(v)) for v in labels.values())
+
+
+def families(points: Iterable[Point], resource: Mapping[str, str]) -> list[Metric]:
+    """Metric families for points, in catalog order, samples sorted naturally by label values.
+
+    A later point with the same name and labels replaces an earlier one (a series appears once).
+    """
+    cat = catalog()
+    base = {prometheus_label(k): str(v) for k, v in resource.items()}
+    grouped: dict[str, dict[tuple, dict[str, str]]] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    for p in points:
+        labels = dict(base)
+        for k, v in p.attributes.items():
+            labels[prometheus_label(k)] = str(v)
+        key = tuple(sorted(labels.items()))
+        grouped.setdefault(p.name, {})[key] = labels
+        values.setdefault(p.name, {})[key] = p.value
+    out = []
+    for m in cat:
+        if m.name not in grouped:
+            continue
+        prom = m.prom_name
+        # prometheus_client appends _total to a counter family's HELP/TYPE names itself.
+        family = Metric(prom[:-len("_total")] if m.prom_type == "counter" else prom, m.help, m.prom_type)
+        series = grouped[m.name]
+        for key in sorted(series, key=lambda k: _natural(series[k])):
+            family.add_sample(prom, series[key], values[m.name][key])
+        out.append(family)
+    return out
+
+
+class LatestCollection:
+    """A prometheus_client custom collector serving whatever the agent collected last."""
+
+    def __init__(self, resource: Mapping[str, str]):
+        self._resource = dict(resource)
+        self._points: list[Point] = []
+        self._lock = threading.Lock()
+
+    def update(self, points: list[Point]) -> None:
+        with self._lock:
+            self._points = list(points)
+
+    def collect(self):
+        with self._lock:
+            points = self._points
+        return families(points, self._resource)
+
+
+def render(points: Iterable[Point], resource: Mapping[str, str]) -> str:
+    """Prometheus text exposition (format 0.0.4) of points."""
+    registry = CollectorRegistry(auto_describe=False)
+    latest = LatestCollection(resource)
+    latest.update(list(points))
+    registry.register(latest)
+    return generate_latest(registry).decode("utf-8")
+
+
+class MetricsServer:
+    """GET /metrics on host:port. Reads no request body (nothing to limit but the request line
+    and headers, which http.server caps at 64 KiB), times out idle connections, and requires
+    `Authorization: Bearer <token>` when a token is configured."""
+
+    def __init__(self, listen: str, collection: LatestCollection, token: str | None = None,
+                 timeout: float = 10.0):
+        host, _, port = listen.rpartition(":")
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collection)
+        registry, expected = self.registry, (f"Bearer {token}" if token else None)
+
+        class Handler(BaseHTTPRequestHandler):
+            def setup(self):
+                self.timeout = timeout  # socket timeout for slow or idle clients
+                super().setup()
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics %s - " + fmt, self.client_address[0], *args)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                if path not in ("/metrics", "/"):
+                    return self._reply(404, b"not found: try /metrics\n", "text/plain")
+                if expected and not hmac.compare_digest(self.headers.get("Authorization", ""), expected):
+                    return self._reply(401, b"unauthorized\n", "text/plain", {"WWW-Authenticate": "Bearer"})
+                if path == "/":
+                    return self._reply(200, b'<a href="/metrics">metrics</a>\n', "text/html")
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+
+            def _refuse(self):
+                self._reply(405, b"only GET /metrics\n", "text/plain", {"Allow": "GET"})
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+
+            def _reply(self, status, body, ctype, headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="metrics-http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread:
+            self._thread.join(5)
