@@ -114,7 +114,7 @@ class AuthMiddleware:
 
 
 def make_context(config: Config) -> AppContext:
-    store = Store(config.db)
+    store = Store(config.db, sandbox=True)
     writer = Writer(store, max_series_per_metric=config.ingest.max_series_per_metric,
                     max_series_total=config.ingest.max_series_total)
     ctx = AppContext(config=config, store=store, writer=writer,

@@ -45,6 +45,20 @@ CREATE TABLE IF NOT EXISTS ingest_batches (
     received_ms BIGINT NOT NULL,
     samples     INTEGER NOT NULL
 );
+-- Downsampled history (collector.store.rollup): one row per series per bucket; bucket is the
+-- bucket's start in ms. avg is sum/count, computed in the rollup_* views.
+CREATE TABLE IF NOT EXISTS rollup_5m_data (
+    series_id INTEGER NOT NULL, bucket BIGINT NOT NULL,
+    min DOUBLE, max DOUBLE, sum DOUBLE, count INTEGER NOT NULL, last DOUBLE
+);
+CREATE TABLE IF NOT EXISTS rollup_1h_data (
+    series_id INTEGER NOT NULL, bucket BIGINT NOT NULL,
+    min DOUBLE, max DOUBLE, sum DOUBLE, count INTEGER NOT NULL, last DOUBLE
+);
+-- Watermarks of the maintenance jobs (rollups, compaction, export), in ms.
+CREATE TABLE IF NOT EXISTS maintenance_state (
+    job VARCHAR PRIMARY KEY, done_until BIGINT NOT NULL
+);
 """
 
 NAME = "__name__"
@@ -106,13 +120,21 @@ class SeriesSamples:
 class Store:
     """Embedded DuckDB store. One instance per process; thread-safe."""
 
-    def __init__(self, path: str = ":memory:", *, read_only: bool = False, threads: int | None = None):
+    def __init__(self, path: str = ":memory:", *, read_only: bool = False, threads: int | None = None,
+                 sandbox: bool = False):
+        """sandbox=True turns off DuckDB's file and network access for the whole database (the
+        collector does this so user SQL cannot read files; its own Parquet export goes through
+        pyarrow, not DuckDB's COPY)."""
         config = {"threads": threads} if threads else {}
         self.path = path
         self.con = duckdb.connect(path, read_only=read_only, config=config)
         self.write_lock = threading.RLock()
         if not read_only:
             self.con.execute(SCHEMA)
+            from collector.store.views import create_views
+            create_views(self.con)
+        if sandbox:
+            self.con.execute("SET enable_external_access = false")
         self._ids: dict[int, int] = {}   # fingerprint -> series id
         self._metric_series: dict[str, int] = {}   # metric -> number of series (cardinality limits)
         self._next_id = 1

@@ -1,19 +1,196 @@
-"""Scheduled storage upkeep: one apscheduler job that keeps the store tidy.
+"""Scheduled storage upkeep: rollups, compaction, Parquet export, retention (one apscheduler job).
 
-Each run: forget old batch keys (see writer). Rollups, compaction, retention and Parquet
-export are added by collector.store.rollup / compact / export.
+Every pass, in this order (each step is its own short transaction, so ingest waits at most for
+one step of one chunk):
+
+1. rollups. rollup_5m_data from raw samples, rollup_1h_data from rollup_5m_data: min, max, sum,
+   count and last per series per bucket (stale markers and NaN are left out). Buckets from the
+   watermark on are recomputed, so a bucket still open at the last pass is completed; samples
+   arriving later than `LATE_MS` behind real time are not rolled up.
+2. compaction. Raw samples in closed hours (older than storage.compact_after_s) are rewritten
+   sorted by (series_id, ts), duplicates of (series_id, ts) collapsed to the last one written.
+   Sorted, a row group holds long runs of one series with evenly spaced timestamps and similar
+   values, which DuckDB's RLE, bit-packing (delta) and ALP compress to a few bits per column.
+3. export (when storage.export_dir is set). Closed UTC days are written as Hive-partitioned
+   Parquet: <export_dir>/day=YYYY-MM-DD/metric=<name>/part-0.parquet with columns
+   ts TIMESTAMP(ms, UTC), labels MAP<string,string>, value DOUBLE (sorted by series, then ts).
+   Files are written through pyarrow (the store's DuckDB has file access switched off).
+4. retention. Raw samples older than storage.retention_raw are deleted - never before they are
+   rolled up (and exported, when export is on); rollups older than storage.retention_rollup too;
+   batch keys older than a day are forgotten.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+STEPS = {"5m": 300_000, "1h": 3_600_000}
+HOUR = 3_600_000
+DAY = 86_400_000
+LATE_MS = 300_000
 
-def run_once(ctx) -> dict:
+
+def _get(con, job: str) -> int | None:
+    row = con.execute("SELECT done_until FROM maintenance_state WHERE job = ?", [job]).fetchone()
+    return int(row[0]) if row else None
+
+
+def _set(con, job: str, value: int) -> None:
+    con.execute("INSERT OR REPLACE INTO maintenance_state VALUES (?, ?)", [job, int(value)])
+
+
+def _min_ts(con, table: str, column: str) -> int | None:
+    row = con.execute(f"SELECT min({column}) FROM {table}").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def rollup(store, now_ms: int) -> dict:
+    """Recompute rollup buckets from their watermark up to now."""
+    done = {}
+    con = store.con
+    for res, source, cols in (
+        ("5m", "samples", "min(value), max(value), sum(value), count(value), arg_max(value, ts)"),
+        ("1h", "rollup_5m_data", "min(min), max(max), sum(sum), sum(count)::INTEGER, arg_max(last, bucket)"),
+    ):
+        step = STEPS[res]
+        ts_col = "ts" if source == "samples" else "bucket"
+        with store.write_lock:
+            start = _get(con, f"rollup_{res}")
+            if start is None:
+                first = _min_ts(con, source, ts_col)
+                if first is None:
+                    continue
+                start = first // step * step
+            where = f"{ts_col} >= ?" + (" AND value IS NOT NULL AND NOT isnan(value)" if source == "samples" else "")
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(f"DELETE FROM rollup_{res}_data WHERE bucket >= ?", [start])
+                n = con.execute(
+                    f"INSERT INTO rollup_{res}_data SELECT series_id, {ts_col} // {step} * {step} AS b, {cols} "
+                    f"FROM {source} WHERE {where} GROUP BY series_id, b ORDER BY series_id, b",
+                    [start]).fetchone()[0]
+                _set(con, f"rollup_{res}", max(start, (now_ms - LATE_MS) // step * step))
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        done[f"rollup_{res}_rows"] = int(n)
+    return done
+
+
+def compact(store, now_ms: int, compact_after_ms: int) -> int:
+    """Rewrite closed hours of raw samples sorted by (series_id, ts); returns hours rewritten."""
+    con = store.con
+    closed = (now_ms - compact_after_ms) // HOUR * HOUR
+    with store.write_lock:
+        start = _get(con, "compact")
+        if start is None:
+            first = _min_ts(con, "samples", "ts")
+            if first is None:
+                return 0
+            start = first // HOUR * HOUR
+    hours = 0
+    while start + HOUR <= closed:
+        end = start + HOUR
+        with store.write_lock:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(
+                    "CREATE TEMP TABLE _chunk AS SELECT series_id, ts, arg_max(value, rowid) AS value "
+                    "FROM samples WHERE ts >= ? AND ts < ? GROUP BY series_id, ts ORDER BY series_id, ts",
+                    [start, end])
+                con.execute("DELETE FROM samples WHERE ts >= ? AND ts < ?", [start, end])
+                con.execute("INSERT INTO samples SELECT * FROM _chunk ORDER BY series_id, ts")
+                con.execute("DROP TABLE _chunk")
+                _set(con, "compact", end)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        start = end
+        hours += 1
+    if hours:
+        with store.write_lock:
+            con.execute("CHECKPOINT")
+    return hours
+
+
+def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int = HOUR) -> list[str]:
+    """Write closed UTC days as Hive-partitioned Parquet; returns the days written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    con = store.con
+    cur = store.cursor()
+    start = _get(cur, "export")
+    if start is None:
+        first = _min_ts(cur, "samples", "ts")
+        if first is None:
+            return []
+        start = first // DAY * DAY
+    written = []
+    root = Path(export_dir)
+    while start + DAY + grace_ms <= now_ms:
+        day = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
+        table = cur.execute(
+            "SELECT se.metric AS metric, s.ts AS ts, se.labels AS labels, s.value AS value "
+            "FROM samples s JOIN series se ON se.id = s.series_id WHERE s.ts >= ? AND s.ts < ? "
+            "ORDER BY se.metric, s.series_id, s.ts", [start, start + DAY]).to_arrow_table()
+        if table.num_rows:
+            ts = pc.cast(table["ts"], pa.timestamp("ms", tz="UTC"))
+            data = pa.table({"ts": ts, "labels": table["labels"], "value": table["value"]})
+            metrics = table["metric"].to_pylist()
+            i = 0
+            while i < len(metrics):
+                j = i
+                name = metrics[i]
+                while j < len(metrics) and metrics[j] == name:
+                    j += 1
+                target = root / f"day={day}" / f"metric={name}"
+                target.mkdir(parents=True, exist_ok=True)
+                tmp = target / ".part-0.parquet.tmp"
+                pq.write_table(data.slice(i, j - i), tmp, compression="zstd")
+                os.replace(tmp, target / "part-0.parquet")   # readers never see half a file
+                i = j
+        with store.write_lock:
+            _set(con, "export", start + DAY)
+        written.append(day)
+        start += DAY
+    return written
+
+
+def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool) -> dict:
+    con = store.con
+    with store.write_lock:
+        limit = now_ms - raw_ms
+        for job in ("rollup_5m",) + (("export",) if exporting else ()):
+            mark = _get(con, job)
+            limit = min(limit, mark if mark is not None else -(1 << 62))
+        raw = con.execute("DELETE FROM samples WHERE ts < ?", [limit]).fetchone()[0]
+        old = now_ms - rollup_ms
+        r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old]).fetchone()[0]
+        r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [old]).fetchone()[0]
+    return {"raw_deleted": int(raw), "rollup_deleted": int(r5) + int(r1)}
+
+
+def run_once(ctx, now_ms: int | None = None) -> dict:
     """One maintenance pass; returns what it did (for logs and tests)."""
-    done = {"batch_keys_forgotten": ctx.writer.forget_batch_keys()}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    storage = ctx.config.storage
+    done = rollup(ctx.store, now_ms)
+    done["compacted_hours"] = compact(ctx.store, now_ms, int(storage.compact_after_s * 1000))
+    if storage.export_dir:
+        done["exported_days"] = export_days(ctx.store, storage.export_dir, now_ms)
+    done.update(retention(ctx.store, now_ms, int(storage.retention_raw * 1000),
+                          int(storage.retention_rollup * 1000), bool(storage.export_dir)))
+    done["batch_keys_forgotten"] = ctx.writer.forget_batch_keys(now_ms)
     return done
 
 
