@@ -69,8 +69,11 @@ class Backend(Protocol):
         """Take chip.node out of scheduling for this chip, unless somebody else holds it."""
         ...
 
-    def uncordon(self, chip: ChipRef, reason: str = "") -> Result:
-        """Lift Shopfloor's hold for this chip; never a hold somebody else placed."""
+    def uncordon(self, chip: ChipRef, still_held_reason: str = "") -> Result:
+        """Lift Shopfloor's hold for this chip; never a hold somebody else placed.
+
+        still_held_reason: when other chips of the node are still held, the node-level reason
+        for them: the chip's own marks go, the node stays out of scheduling."""
         ...
 
     def status(self, node: str) -> NodeStatus:

@@ -224,20 +224,17 @@ class Remediator:
         others = [c for c in self.audit.cordons(dry_run=False) if c.cluster == held.cluster
                   and c.node == held.node and c.chip != held.chip and c.state == "cordoned"]
         try:
+            # When other chips of the node are still held the node stays out, with their reason.
+            still = clean_reason(f"{REASON_PREFIX} " + "; ".join(c.reason for c in others)) if others else ""
+            result = self.backend.uncordon(chip, still)
+            outcome = {Result.DONE: "done", Result.ALREADY: "done", Result.NOT_HELD: "noop",
+                       Result.HELD_BY_OTHER: "held_by_other"}[result]
             if others:
-                # The node stays out for its other chips; only the reason changes.
-                reason = clean_reason(f"{REASON_PREFIX} " + "; ".join(c.reason for c in others))
-                result = self.backend.cordon(ChipRef(held.cluster, held.node, others[0].chip), reason)
                 reasons.append(f"node stays held for chip(s) {', '.join(c.chip for c in others)}")
-                outcome = "done" if result != Result.HELD_BY_OTHER else "held_by_other"
-            else:
-                result = self.backend.uncordon(chip)
-                outcome = {Result.DONE: "done", Result.NOT_HELD: "noop",
-                           Result.HELD_BY_OTHER: "held_by_other"}.get(result, "done")
-                if result == Result.HELD_BY_OTHER:
-                    reasons.append("someone else now holds the node; their hold is left as it is")
-                elif result == Result.NOT_HELD:
-                    reasons.append("the node was already back in service")
+            if result == Result.HELD_BY_OTHER:
+                reasons.append("someone else now holds the node; their hold is left as it is")
+            elif result == Result.NOT_HELD:
+                reasons.append("the node was already back in service")
         except (BackendError, ValueError) as exc:
             return self._record(now, chip, action, "failed", False,
                                 [*reasons, f"{self.backend.name} failed: {exc}"], actor=actor)

@@ -95,12 +95,16 @@ class SlurmBackend:
         self._run(["update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}"])
         return Result.DONE if not before.drained else Result.ALREADY
 
-    def uncordon(self, chip: ChipRef, reason: str = "") -> Result:
+    def uncordon(self, chip: ChipRef, still_held_reason: str = "") -> Result:
         node = validate_node(chip.node)
         before = self.status(node)
         if not before.drained:
             return Result.NOT_HELD
         if not before.by_us:
             return Result.HELD_BY_OTHER
+        if still_held_reason:
+            # Slurm drains whole nodes: the node stays drained for its other chips.
+            self._run(["update", f"NodeName={node}", "State=DRAIN", f"Reason={clean_reason(still_held_reason)}"])
+            return Result.ALREADY
         self._run(["update", f"NodeName={node}", "State=RESUME"])
         return Result.DONE
