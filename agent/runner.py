@@ -82,6 +82,7 @@ class Agent:
         self.start_time_ns = time.time_ns()
         self.latest = LatestCollection(self.resource)
         self.collections = 0
+        self.last_time_ns = 0        # the default timestamp of the last collection's batch
         self._stop = threading.Event()
         self.shipper: Shipper | None = None
         if config.collector_endpoint:
@@ -113,6 +114,7 @@ class Agent:
         if self.shipper is not None:
             self.shipper.submit(encode_request(points, self.resource, self.start_time_ns, now_ns))
         self.collections += 1
+        self.last_time_ns = now_ns
         return points
 
     def on_event(self, points: list[Point]) -> None:
