@@ -1,0 +1,635 @@
+"""PromQL evaluation over the DuckDB store, with Prometheus 3.x semantics.
+
+The query is parsed by `promql_parser` (the Rust promql-parser crate's binding) and evaluated
+bottom-up over *all steps at once*: every node gets the array of evaluation timestamps and returns
+a Scalar (T,), an instant Vector (S x T matrices) or a RangeVector (flat samples + per-step
+windows). Series selection and time slicing are pushed into DuckDB (Store.select_series /
+Store.fetch); everything above that is numpy over whole matrices.
+
+Entry points: Engine(store, limits).instant(query, time_s) and .range(query, start, end, step).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import promql_parser as pp
+
+from collector.store.core import Matcher
+
+from . import functions, windows
+from .values import NAME, PromQLError, RangeVector, Scalar, String, Vector, label_key
+
+DEFAULT_LOOKBACK_S = 300.0
+DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
+
+
+@dataclass
+class Limits:
+    """Per-query limits (the collector config's `query` section)."""
+
+    timeout_s: float = 120.0
+    max_samples: int = 50_000_000
+    max_points_per_series: int = 11_000
+    lookback_delta_s: float = DEFAULT_LOOKBACK_S
+
+    @classmethod
+    def from_config(cls, section: Any) -> "Limits":
+        if section is None:
+            return cls()
+        if isinstance(section, Limits):
+            return section
+        known = {f: section[f] for f in cls.__dataclass_fields__ if f in section}
+        unknown = set(section) - set(known)
+        if unknown:
+            raise ValueError(f"query: unknown settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        for name, value in known.items():
+            # Values may come from YAML or from environment overrides (strings, "5m").
+            if name.endswith("_s"):
+                from collector.config import parse_duration
+                known[name] = parse_duration(value, f"query.{name}")
+            else:
+                known[name] = int(value)
+        lim = cls(**known)
+        if lim.timeout_s <= 0 or lim.max_samples <= 0 or lim.max_points_per_series <= 0 or lim.lookback_delta_s <= 0:
+            raise ValueError("query: limits must be positive")
+        return lim
+
+
+@dataclass
+class Result:
+    """A query answer. type: vector | matrix | scalar | string.
+
+    vector: list of (labels, value) at `time_s`; matrix: list of (labels, ts_ms array, values);
+    scalar: float at time_s; string: str at time_s.
+    """
+
+    type: str
+    value: Any
+    time_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    infos: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_NEG_AT = re.compile(r"@\s*-\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)")
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_NEG_AT_BASE_S = 100_000_000_000
+
+
+def parse(query: str):
+    """Parse a query; returns (ast, negative-@ map).
+
+    promql_parser converts `@ t` to a SystemTime and panics for t < 0, so negative @ values are
+    swapped for placeholders far in the future before parsing and mapped back at evaluation.
+    """
+    neg: dict[int, int] = {}
+    if "@" in query:
+        parts, last = [], 0
+        for m in _STRINGS.finditer(query):
+            parts.append((False, query[last:m.start()]))
+            parts.append((True, m.group(0)))
+            last = m.end()
+        parts.append((False, query[last:]))
+
+        def swap(m):
+            placeholder = _NEG_AT_BASE_S + len(neg)
+            neg[placeholder * 1000] = -round(float(m.group(1)) * 1000)
+            return f"@ {placeholder}"
+
+        query = "".join(p if is_str else _NEG_AT.sub(swap, p) for is_str, p in parts)
+    try:
+        return pp.parse(query), neg
+    except BaseException as exc:  # the binding raises ValueError, or a pyo3 PanicException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise PromQLError(f"invalid parameter \"query\": {exc}", "bad_data") from None
+
+
+def _duration_ms(td) -> int:
+    if td is None:
+        return 0
+    return round(td.total_seconds() * 1000)
+
+
+ARITH = {"+", "-", "*", "/", "%", "^", "atan2"}
+COMPARISON = {"==", "!=", ">", "<", ">=", "<="}
+SET_OPS = {"and", "or", "unless"}
+
+
+def arith(op: str, a, b):
+    with np.errstate(all="ignore"):
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if op == "/":
+            return np.divide(a, b)
+        if op == "%":
+            return np.fmod(a, b)
+        if op == "^":
+            return np.power(np.asarray(a, dtype=float), b)
+        if op == "atan2":
+            return np.arctan2(a, b)
+        if op == "==":
+            return a == b
+        if op == "!=":
+            return a != b
+        if op == ">":
+            return a > b
+        if op == "<":
+            return a < b
+        if op == ">=":
+            return a >= b
+        if op == "<=":
+            return a <= b
+    raise PromQLError(f"unknown binary operator {op!r}")
+
+
+def merge_same_labels(vec: Vector) -> Vector:
+    """Combine rows with identical label sets; Prometheus errors if they overlap in a step."""
+    keys = [label_key(lb) for lb in vec.labels]
+    if len(set(keys)) == len(keys):
+        return vec
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    labels, vals, pres, sts = [], [], [], []
+    for rows in groups.values():
+        if len(rows) == 1:
+            r = rows[0]
+            labels.append(vec.labels[r])
+            vals.append(vec.values[r])
+            pres.append(vec.present[r])
+            if vec.sample_ts is not None:
+                sts.append(vec.sample_ts[r])
+            continue
+        p = vec.present[rows]
+        if (p.sum(axis=0) > 1).any():
+            raise PromQLError("vector cannot contain metrics with the same labelset")
+        pick = p.argmax(axis=0)
+        cols = np.arange(p.shape[1])
+        labels.append(vec.labels[rows[0]])
+        vals.append(vec.values[rows][pick, cols])
+        pres.append(p.any(axis=0))
+        if vec.sample_ts is not None:
+            sts.append(vec.sample_ts[rows][pick, cols])
+    T = vec.values.shape[1]
+    return Vector(labels, np.array(vals).reshape(len(labels), T), np.array(pres).reshape(len(labels), T),
+                  np.array(sts).reshape(len(labels), T) if vec.sample_ts is not None else None)
+
+
+def drop_name(vec: Vector) -> Vector:
+    labels = [{k: v for k, v in lb.items() if k != NAME} for lb in vec.labels]
+    return merge_same_labels(Vector(labels, vec.values, vec.present))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+class Evaluation:
+    """State of one query: time range, store cursor, limits, counters."""
+
+    def __init__(self, engine: "Engine", start_ms: int, end_ms: int, step_ms: int, neg_at: dict[int, int]):
+        self.engine = engine
+        self.store = engine.store
+        self.cur = engine.store.cursor()
+        self.limits = engine.limits
+        self.start_ms, self.end_ms, self.step_ms = start_ms, end_ms, step_ms
+        self.neg_at = neg_at
+        self.lookback_ms = round(self.limits.lookback_delta_s * 1000)
+        self.deadline = time.monotonic() + self.limits.timeout_s
+        self.samples = 0
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+        self._series_cache: dict[tuple, list[tuple[int, dict[str, str]]]] = {}
+
+    def check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise PromQLError("query timed out in expression evaluation", "timeout")
+
+    def count_samples(self, n: int) -> None:
+        self.samples += n
+        if self.samples > self.limits.max_samples:
+            raise PromQLError("query processing would load too many samples into memory in query execution")
+
+    # ---------------------------------------------------------------- dispatch
+    def eval(self, node, times: np.ndarray):
+        self.check_deadline()
+        kind = type(node).__name__
+        method = getattr(self, "eval_" + kind, None)
+        if method is None:
+            raise PromQLError(f"unsupported expression type {kind}")
+        return method(node, times)
+
+    def eval_NumberLiteral(self, node, times):
+        return Scalar(np.full(len(times), float(node.val)))
+
+    def eval_StringLiteral(self, node, times):
+        return String(node.val)
+
+    def eval_ParenExpr(self, node, times):
+        return self.eval(node.expr, times)
+
+    def eval_UnaryExpr(self, node, times):
+        val = self.eval(node.expr, times)
+        if isinstance(val, Scalar):
+            return Scalar(-val.values)
+        if isinstance(val, Vector):
+            return drop_name(Vector(val.labels, -val.values, val.present))
+        raise PromQLError("unary expression only allowed on expressions of type scalar or instant vector")
+
+    # ---------------------------------------------------------------- selectors
+    def at_times(self, at, offset, times: np.ndarray) -> np.ndarray:
+        """Evaluation timestamps after applying `@` and `offset`."""
+        if at is not None:
+            kind = str(at.type).rsplit(".", 1)[-1]
+            if kind == "Start":
+                base = self.start_ms
+            elif kind == "End":
+                base = self.end_ms
+            else:
+                base = round(at.at.timestamp() * 1000)
+                base = self.neg_at.get(base, base)
+            times = np.full(len(times), base, dtype=np.int64)
+        return times - _duration_ms(offset)
+
+    def matchers(self, vs) -> list[list[Matcher]]:
+        ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
+        groups = []
+        base = [Matcher(NAME, "=", vs.name)] if vs.name else []
+        ms = vs.matchers
+        alternatives = ms.or_matchers if ms.or_matchers else [ms.matchers]
+        for alt in alternatives:
+            group = list(base)
+            for m in alt:
+                group.append(Matcher(m.name, ops[str(m.op).rsplit(".", 1)[-1]], m.value))
+            groups.append(group)
+        return groups
+
+    def select(self, vs) -> list[tuple[int, dict[str, str]]]:
+        """Series of a selector, sorted by label set as Prometheus' storage returns them."""
+        groups = self.matchers(vs)
+        key = tuple(tuple(g) for g in groups)
+        hit = self._series_cache.get(key)
+        if hit is not None:
+            return hit
+        found: dict[int, dict[str, str]] = {}
+        for group in groups:
+            for m in group:
+                if m.op in ("=~", "!~"):
+                    try:
+                        re.compile(m.value)
+                    except re.error as exc:
+                        raise PromQLError(f"invalid regular expression {m.value!r}: {exc}", "bad_data") from None
+            for sid, metric, labels in self.store.select_series(group, self.cur):
+                found[sid] = {NAME: metric, **labels}
+        out = sorted(found.items(), key=lambda kv: label_key(kv[1]))
+        self._series_cache[key] = out
+        return out
+
+    def load(self, series: list[tuple[int, dict]], start_ms: int, end_ms: int):
+        """Samples of the series in [start_ms, end_ms]: offsets (S+1,), ts, values, stale."""
+        ids = np.array([sid for sid, _ in series], dtype=np.int64)
+        data = self.store.fetch(ids, start_ms, end_ms, self.cur)
+        self.count_samples(len(data.ts))
+        # fetch sorts by series id; rows are in label order, so map through a permutation.
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        bounds = np.searchsorted(data.series_ids, sorted_ids, side="left")
+        ends = np.searchsorted(data.series_ids, sorted_ids, side="right")
+        if np.all(order == np.arange(len(ids))):
+            offsets = np.append(bounds, len(data.ts)) if len(ids) else np.zeros(1, dtype=np.int64)
+            return offsets.astype(np.int64), data.ts, data.values, data.stale
+        starts_by_row = np.empty(len(ids), dtype=np.int64)
+        ends_by_row = np.empty(len(ids), dtype=np.int64)
+        starts_by_row[order] = bounds
+        ends_by_row[order] = ends
+        take = np.concatenate([np.arange(a, b) for a, b in zip(starts_by_row, ends_by_row)]) \
+            if len(ids) else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(ends_by_row - starts_by_row)]).astype(np.int64)
+        return offsets, data.ts[take], data.values[take], data.stale[take]
+
+    def eval_VectorSelector(self, node, times):
+        t = self.at_times(node.at, node.offset, times)
+        series = self.select(node)
+        S, T = len(series), len(times)
+        if S == 0:
+            return Vector.empty(T)
+        offsets, ts, vals, stale = self.load(series, int(t.min()) - self.lookback_ms + 1, int(t.max()))
+        values = np.zeros((S, T))
+        present = np.zeros((S, T), dtype=bool)
+        sample_ts = np.zeros((S, T), dtype=np.int64)
+        for i in range(S):
+            a, b = offsets[i], offsets[i + 1]
+            if a == b:
+                continue
+            idx = a + np.searchsorted(ts[a:b], t, side="right") - 1
+            ok = idx >= a
+            idx = np.where(ok, idx, a)
+            ok &= (ts[idx] > t - self.lookback_ms) & ~stale[idx]
+            values[i] = vals[idx]
+            present[i] = ok
+            sample_ts[i] = ts[idx]
+        return Vector([lb for _, lb in series], values, present, sample_ts).drop_empty()
+
+    def eval_MatrixSelector(self, node, times):
+        vs = node.vector_selector
+        t = self.at_times(vs.at, vs.offset, times)
+        rng = _duration_ms(node.range)
+        series = self.select(vs)
+        if not series:
+            return RangeVector([], np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0), t, rng)
+        offsets, ts, vals, stale = self.load(series, int(t.min()) - rng + 1, int(t.max()))
+        if stale.any():
+            keep = ~stale
+            counts = np.add.reduceat(keep.astype(np.int64), offsets[:-1]) if len(keep) else np.zeros(len(series), dtype=np.int64)
+            counts = np.where(np.diff(offsets) == 0, 0, counts)
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            ts, vals = ts[keep], vals[keep]
+        return RangeVector([lb for _, lb in series], offsets, ts, vals, t, rng)
+
+    def eval_SubqueryExpr(self, node, times):
+        t = self.at_times(node.at, node.offset, times)
+        rng = _duration_ms(node.range)
+        step = _duration_ms(node.step) if node.step is not None else (
+            self.step_ms if self.step_ms > 0 else DEFAULT_SUBQUERY_STEP_MS)
+        if step <= 0:
+            raise PromQLError("subquery step must be positive", "bad_data")
+        lo = int(t.min()) - rng
+        first = (lo // step) * step
+        if first <= lo:
+            first += step
+        last = (int(t.max()) // step) * step
+        inner_times = np.arange(first, last + 1, step, dtype=np.int64) if last >= first else np.zeros(0, dtype=np.int64)
+        if len(inner_times) > 10 * self.limits.max_points_per_series * max(1, len(times)):
+            raise PromQLError("subquery resolution too fine for its range", "execution")
+        if len(inner_times) == 0:
+            return RangeVector([], np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0), t, rng)
+        inner = self.eval(node.expr, inner_times)
+        if isinstance(inner, Scalar):
+            inner = Vector([{}], inner.values[None, :], np.ones((1, len(inner_times)), dtype=bool))
+        if not isinstance(inner, Vector):
+            raise PromQLError("subquery is only allowed on instant vector, got range vector", "bad_data")
+        inner = inner.drop_empty()
+        counts = inner.present.sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        rows, cols = np.nonzero(inner.present)
+        self.count_samples(len(rows))
+        return RangeVector(inner.labels, offsets, inner_times[cols], inner.values[rows, cols], t, rng)
+
+    # ---------------------------------------------------------------- calls
+    def eval_Call(self, node, times):
+        return functions.call(self, node, times)
+
+    def eval_AggregateExpr(self, node, times):
+        from .aggregate import aggregate
+        return aggregate(self, node, times)
+
+    # ---------------------------------------------------------------- binary operators
+    def eval_BinaryExpr(self, node, times):
+        op = str(node.op).lower()
+        lhs = self.eval(node.lhs, times)
+        rhs = self.eval(node.rhs, times)
+        mod = node.modifier
+        return_bool = bool(mod and mod.return_bool)
+        if isinstance(lhs, Scalar) and isinstance(rhs, Scalar):
+            res = arith(op, lhs.values, rhs.values)
+            return Scalar(res.astype(float))
+        if isinstance(lhs, Vector) and isinstance(rhs, Vector):
+            if op in SET_OPS:
+                return self.set_op(op, lhs, rhs, mod)
+            return self.vector_binop(op, lhs, rhs, mod, return_bool)
+        if isinstance(lhs, Vector) and isinstance(rhs, Scalar):
+            return self.vector_scalar(op, lhs, rhs.values[None, :], False, return_bool)
+        if isinstance(lhs, Scalar) and isinstance(rhs, Vector):
+            return self.vector_scalar(op, rhs, lhs.values[None, :], True, return_bool)
+        raise PromQLError(f"binary expression must contain only scalar and instant vector types")
+
+    def vector_scalar(self, op, vec: Vector, scalar, swapped: bool, return_bool: bool) -> Vector:
+        a, b = (scalar, vec.values) if swapped else (vec.values, scalar)
+        res = arith(op, a, b)
+        if op in COMPARISON:
+            if return_bool:
+                return drop_name(Vector(vec.labels, res.astype(float), vec.present))
+            return Vector(vec.labels, vec.values, vec.present & res, vec.sample_ts).drop_empty()
+        return drop_name(Vector(vec.labels, res, vec.present))
+
+    @staticmethod
+    def signature_fn(matching):
+        if matching is None:
+            return lambda lb: tuple(sorted((k, v) for k, v in lb.items() if k != NAME))
+        names = list(matching.labels)
+        if str(matching.type).endswith("Include"):
+            names = sorted(set(names))
+            return lambda lb: tuple(lb.get(n, "") for n in names)
+        excluded = set(names) | {NAME}
+        return lambda lb: tuple(sorted((k, v) for k, v in lb.items() if k not in excluded))
+
+    def set_op(self, op, lhs: Vector, rhs: Vector, mod) -> Vector:
+        sig = self.signature_fn(mod.matching if mod else None)
+        T = lhs.values.shape[1]
+        rsig: dict[tuple, np.ndarray] = {}
+        for lb, p in zip(rhs.labels, rhs.present):
+            k = sig(lb)
+            rsig[k] = rsig[k] | p if k in rsig else p.copy()
+        none = np.zeros(T, dtype=bool)
+        if op in ("and", "unless"):
+            mask = np.array([rsig.get(sig(lb), none) for lb in lhs.labels]).reshape(len(lhs), T)
+            keep = lhs.present & (mask if op == "and" else ~mask)
+            return Vector(lhs.labels, lhs.values, keep, lhs.sample_ts).drop_empty()
+        lsig: dict[tuple, np.ndarray] = {}
+        for lb, p in zip(lhs.labels, lhs.present):
+            k = sig(lb)
+            lsig[k] = lsig[k] | p if k in lsig else p.copy()
+        rmask = np.array([lsig.get(sig(lb), none) for lb in rhs.labels]).reshape(len(rhs), T)
+        out = Vector(lhs.labels + rhs.labels, np.concatenate([lhs.values, rhs.values]),
+                     np.concatenate([lhs.present, rhs.present & ~rmask]))
+        return merge_same_labels(out.drop_empty())
+
+    def vector_binop(self, op, lhs: Vector, rhs: Vector, mod, return_bool: bool) -> Vector:
+        card = str(mod.card).rsplit(".", 1)[-1] if mod else "OneToOne"
+        matching = mod.matching if mod else None
+        include = list(mod.group_labels or []) if mod and card != "OneToOne" else []
+        sig = self.signature_fn(matching)
+        many, one = (rhs, lhs) if card == "OneToMany" else (lhs, rhs)
+        T = lhs.values.shape[1]
+        # For each signature: which "one"-side row is present at each step (-1: none).
+        by_sig: dict[tuple, list[int]] = {}
+        for j, lb in enumerate(one.labels):
+            by_sig.setdefault(sig(lb), []).append(j)
+        chosen: dict[tuple, np.ndarray] = {}
+        for k, rows in by_sig.items():
+            p = one.present[rows]
+            if len(rows) > 1 and (p.sum(axis=0) > 1).any():
+                side = "right" if card != "OneToMany" else "left"
+                dup = ", ".join(_fmt(one.labels[r]) for r in rows[:2])
+                raise PromQLError(
+                    f"found duplicate series for the match group {_fmt_sig(matching, one.labels[rows[0]])} on the "
+                    f"{side} hand-side of the operation: [{dup}];many-to-many matching not allowed: "
+                    "matching labels must be unique on one side")
+            pick = np.where(p.any(axis=0), np.asarray(rows)[p.argmax(axis=0)], -1)
+            chosen[k] = pick
+        if card == "OneToOne":
+            counts: dict[tuple, np.ndarray] = {}
+            for i, lb in enumerate(many.labels):
+                k = sig(lb)
+                if k in chosen:
+                    c = many.present[i] & (chosen[k] >= 0)
+                    counts[k] = counts[k] + c if k in counts else c.astype(int)
+            if any((c > 1).any() for c in counts.values()):
+                raise PromQLError("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)")
+        out_labels, out_vals, out_pres = [], [], []
+        drop = op in ARITH or return_bool
+        on = matching is not None and str(matching.type).endswith("Include")
+        cols = np.arange(T)
+        for i, lb in enumerate(many.labels):
+            pick = chosen.get(sig(lb))
+            if pick is None:
+                continue
+            pres = many.present[i] & (pick >= 0)
+            if not pres.any():
+                continue
+            safe = np.maximum(pick, 0)
+            ov = one.values[safe, cols]
+            mv = many.values[i]
+            lv, rv = (ov, mv) if card == "OneToMany" else (mv, ov)
+            res = arith(op, lv, rv)
+            if op in COMPARISON:
+                if return_bool:
+                    val = res.astype(float)
+                else:
+                    val = lv
+                    pres = pres & res
+            else:
+                val = res
+            # Result labels: computed per distinct "one" row (include labels come from it).
+            for j in np.unique(pick[pres]):
+                sel = pres & (pick == j)
+                labels = dict(lb)
+                if drop:
+                    labels.pop(NAME, None)
+                if card == "OneToOne" and matching is not None:
+                    names = set(matching.labels)
+                    labels = {k: v for k, v in labels.items() if (k in names) == on}
+                for name in include:
+                    v = one.labels[j].get(name, "")
+                    if v:
+                        labels[name] = v
+                    else:
+                        labels.pop(name, None)
+                out_labels.append(labels)
+                out_vals.append(np.where(sel, val, 0.0))
+                out_pres.append(sel)
+        if not out_labels:
+            return Vector.empty(T)
+        vec = Vector(out_labels, np.array(out_vals, dtype=float), np.array(out_pres, dtype=bool))
+        keys = [label_key(lb) for lb in out_labels]
+        if card != "OneToOne" and len(set(keys)) != len(keys):
+            seen: dict[tuple, np.ndarray] = {}
+            for k, p in zip(keys, out_pres):
+                if k in seen and (seen[k] & p).any():
+                    raise PromQLError("multiple matches for labels: grouping labels must ensure unique matches")
+                seen[k] = seen.get(k, np.zeros(T, dtype=bool)) | p
+        return merge_same_labels(vec)
+
+
+def _fmt(labels: dict) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+def _fmt_sig(matching, labels: dict) -> str:
+    if matching is not None and str(matching.type).endswith("Include"):
+        return _fmt({k: labels[k] for k in matching.labels if labels.get(k)})
+    excluded = set(matching.labels if matching is not None else ()) | {NAME}
+    return _fmt({k: v for k, v in labels.items() if k not in excluded})
+
+
+# --------------------------------------------------------------------------- the engine
+
+class Engine:
+    """PromQL over a Store. Thread-safe: every query uses its own cursor."""
+
+    def __init__(self, store, limits: Limits | dict | None = None):
+        self.store = store
+        self.limits = Limits.from_config(limits)
+
+    def instant(self, query: str, time_s: float) -> Result:
+        ast, neg = parse(query)
+        t = round(time_s * 1000)
+        ev = Evaluation(self, t, t, 0, neg)
+        val = ev.eval(ast, np.array([t], dtype=np.int64))
+        return self._instant_result(ast, val, t, ev)
+
+    def range(self, query: str, start_s: float, end_s: float, step_s: float) -> Result:
+        if step_s <= 0:
+            raise PromQLError("zero or negative query resolution step widths are not accepted. "
+                              "Try a positive integer", "bad_data")
+        if end_s < start_s:
+            raise PromQLError("end timestamp must not be before start time", "bad_data")
+        start, end, step = round(start_s * 1000), round(end_s * 1000), round(step_s * 1000)
+        if (end - start) // step + 1 > self.limits.max_points_per_series:
+            raise PromQLError(f"exceeded maximum resolution of {self.limits.max_points_per_series:,} points per "
+                              "timeseries. Try decreasing the query resolution (?step=XX)", "bad_data")
+        ast, neg = parse(query)
+        times = np.arange(start, end + 1, step, dtype=np.int64)
+        ev = Evaluation(self, start, end, step, neg)
+        val = ev.eval(ast, times)
+        if isinstance(val, (String, RangeVector)):
+            kind = "string" if isinstance(val, String) else "range vector"
+            raise PromQLError(f"invalid expression type \"{kind}\" for range query, must be Scalar or instant Vector",
+                              "bad_data")
+        if isinstance(val, Scalar):
+            val = Vector([{}], val.values[None, :], np.ones((1, len(times)), dtype=bool))
+        out = []
+        for lb, v, p in zip(val.labels, val.values, val.present):
+            if p.any():
+                out.append((lb, times[p], v[p]))
+        out.sort(key=lambda s: label_key(s[0]))
+        if _top_function(ast) in ("sort", "sort_desc", "sort_by_label", "sort_by_label_desc"):
+            ev.warnings.append("PromQL warning: sort is ineffective for range queries since results are "
+                               "always ordered by labels")
+        return Result("matrix", out, end / 1000, ev.warnings, ev.infos)
+
+    def _instant_result(self, ast, val, t: int, ev: Evaluation) -> Result:
+        if isinstance(val, Scalar):
+            return Result("scalar", float(val.values[0]), t / 1000, ev.warnings, ev.infos)
+        if isinstance(val, String):
+            return Result("string", val.value, t / 1000, ev.warnings, ev.infos)
+        if isinstance(val, RangeVector):
+            lo, hi = val.windows()
+            out = []
+            for i, lb in enumerate(val.labels):
+                a, b = lo[i, 0], hi[i, 0]
+                if b > a:
+                    out.append((lb, val.ts[a:b], val.values[a:b]))
+            return Result("matrix", out, t / 1000, ev.warnings, ev.infos)
+        rows = [(lb, float(v[0])) for lb, v, p in zip(val.labels, val.values, val.present) if p[0]]
+        return Result("vector", rows, t / 1000, ev.warnings, ev.infos)
+
+
+def _top_function(ast) -> str | None:
+    while isinstance(ast, pp.ParenExpr):
+        ast = ast.expr
+    if isinstance(ast, pp.Call):
+        return ast.func.name
+    return None
+
+
+def format_value(v: float) -> str:
+    """A sample value as Prometheus' JSON writes it (strconv 'f', -1 / NaN / +Inf / -Inf)."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    r = repr(float(v))
+    if "e" in r or "E" in r:
+        return np.format_float_positional(v, trim="-")
+    return r[:-2] if r.endswith(".0") else r

@@ -1,0 +1,103 @@
+"""The values a PromQL expression evaluates to, over all the steps of a query at once.
+
+A range query with T steps is evaluated column-wise: an instant vector is a (series x steps)
+matrix of values plus a presence mask, so binary operators, aggregations and functions are numpy
+operations over whole matrices instead of a Python loop per step and per sample. An instant
+query is the same thing with T == 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NAME = "__name__"
+
+
+class PromQLError(Exception):
+    """An error Prometheus would answer with; `kind` is its errorType (bad_data, execution, timeout)."""
+
+    def __init__(self, message: str, kind: str = "execution"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def label_key(labels: dict[str, str]) -> tuple:
+    return tuple(sorted(labels.items()))
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """Prometheus' String() of a label set: {__name__="x", a="b"} with sorted names."""
+    items = sorted(labels.items())
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in items) + "}"
+
+
+@dataclass
+class Vector:
+    """An instant vector at every step: labels per series, values and presence (S x T)."""
+
+    labels: list[dict[str, str]]
+    values: np.ndarray          # float64 (S, T)
+    present: np.ndarray         # bool (S, T)
+    # Timestamps (ms) of the samples a plain selector picked, for timestamp(); None otherwise.
+    sample_ts: np.ndarray | None = None
+
+    @staticmethod
+    def empty(steps: int) -> "Vector":
+        return Vector([], np.zeros((0, steps)), np.zeros((0, steps), dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows) -> "Vector":
+        rows = np.asarray(rows, dtype=np.int64)
+        return Vector([self.labels[i] for i in rows], self.values[rows], self.present[rows],
+                      None if self.sample_ts is None else self.sample_ts[rows])
+
+    def drop_empty(self) -> "Vector":
+        keep = np.flatnonzero(self.present.any(axis=1))
+        return self if len(keep) == len(self.labels) else self.take(keep)
+
+
+@dataclass
+class Scalar:
+    values: np.ndarray          # float64 (T,)
+
+
+@dataclass
+class String:
+    value: str
+
+
+@dataclass
+class RangeVector:
+    """Samples of many series in one window per step (a matrix selector or a subquery).
+
+    Samples are flat and sorted by (series, ts); `offsets[i]:offsets[i+1]` are series i's.
+    The window for step j is (ends[j] - range_ms, ends[j]] (left-open since Prometheus 3).
+    Staleness markers are already removed (range functions never see them).
+    """
+
+    labels: list[dict[str, str]]
+    offsets: np.ndarray         # int64 (S+1,)
+    ts: np.ndarray              # int64 ms
+    values: np.ndarray          # float64
+    ends: np.ndarray            # int64 ms (T,)
+    range_ms: int
+    bounds: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) sample indices (S, T): window j of series i is [lo, hi)."""
+        if self.bounds is None:
+            S, T = len(self.labels), len(self.ends)
+            lo = np.empty((S, T), dtype=np.int64)
+            hi = np.empty((S, T), dtype=np.int64)
+            starts = self.ends - self.range_ms
+            for i in range(S):
+                a, b = self.offsets[i], self.offsets[i + 1]
+                seg = self.ts[a:b]
+                lo[i] = a + np.searchsorted(seg, starts, side="right")
+                hi[i] = a + np.searchsorted(seg, self.ends, side="right")
+            self.bounds = (lo, hi)
+        return self.bounds

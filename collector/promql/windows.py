@@ -1,0 +1,300 @@
+"""Functions over range vectors (rate, *_over_time, ...), vectorised over every window at once.
+
+Each window (series i, step j) is a slice [lo, hi) of the flat sample arrays. The windows are
+gathered into a padded (rows, W) matrix — W the largest window — so one numpy expression
+computes a function for every window of a chunk of rows; padding is masked out. Chunks keep the
+gathered matrix within a fixed number of cells whatever the query size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .values import PromQLError, RangeVector
+
+CHUNK_CELLS = 4_000_000
+
+
+def _gather(rv: RangeVector, lo: np.ndarray, hi: np.ndarray):
+    """Yield (rows, X, TS, M): gathered values, timestamps and validity for row slices."""
+    n = lo.size
+    flat_lo, flat_hi = lo.ravel(), hi.ravel()
+    width = int((flat_hi - flat_lo).max()) if n else 0
+    width = max(width, 1)
+    per = max(1, CHUNK_CELLS // width)
+    cols = np.arange(width)
+    last = max(len(rv.values) - 1, 0)
+    for start in range(0, n, per):
+        stop = min(n, start + per)
+        idx = flat_lo[start:stop, None] + cols
+        valid = idx < flat_hi[start:stop, None]
+        idx = np.minimum(idx, last)
+        if len(rv.values):
+            X = rv.values[idx]
+            TS = rv.ts[idx]
+        else:
+            X = np.zeros(idx.shape)
+            TS = np.zeros(idx.shape, dtype=np.int64)
+        yield slice(start, stop), X, TS, valid
+
+
+def apply(rv: RangeVector, fn, *, min_samples: int = 1, params: list | None = None):
+    """Run fn(X, TS, M, count, params_for_rows, ends_for_rows) over all windows.
+
+    Returns (values, present) of shape (S, T); a window with fewer than min_samples samples
+    yields no output. `params` are per-step arrays (T,) broadcast to rows.
+    """
+    lo, hi = rv.windows()
+    S, T = lo.shape
+    out = np.full(S * T, np.nan)
+    count = (hi - lo).ravel()
+    ends = np.broadcast_to(rv.ends, (S, T)).ravel()
+    flat_params = [np.broadcast_to(p, (S, T)).ravel() for p in (params or [])]
+    for rows, X, TS, M in _gather(rv, lo, hi):
+        c = count[rows]
+        with np.errstate(all="ignore"):
+            out[rows] = fn(X, TS, M, c, [p[rows] for p in flat_params], ends[rows])
+    present = count >= min_samples
+    return out.reshape(S, T), present.reshape(S, T)
+
+
+def _first_last(X, TS, M, c):
+    rows = np.arange(len(c))
+    last = np.maximum(c - 1, 0)
+    return X[:, 0], X[rows, last], TS[:, 0], TS[rows, last], rows, last
+
+
+def _kahan_sum(X, M):
+    """Kahan-Babuska summation along axis 1 (Prometheus sums with it since 3.0)."""
+    Z = np.where(M, X, 0.0)
+    s = np.zeros(len(Z))
+    comp = np.zeros(len(Z))
+    if Z.shape[1] > 64:
+        # Wide windows: a plain pairwise sum is accurate enough and much faster.
+        return Z.sum(axis=1)
+    for k in range(Z.shape[1]):
+        x = Z[:, k]
+        t = s + x
+        big = np.abs(s) >= np.abs(x)
+        comp += np.where(big, (s - t) + x, (x - t) + s)
+        s = t
+    # Infinite sums make the compensation NaN; Prometheus returns the plain sum then.
+    res = s + comp
+    return np.where(np.isinf(s), s, res)
+
+
+def sum_over_time(X, TS, M, c, p, e):
+    return _kahan_sum(X, M)
+
+
+def count_over_time(X, TS, M, c, p, e):
+    return c.astype(float)
+
+
+def avg_over_time(X, TS, M, c, p, e):
+    s = _kahan_sum(X, M)
+    res = s / c
+    # On overflow to +-Inf Prometheus switches to an incremental mean; emulate via scaled sum.
+    over = np.isinf(s) & ~np.isinf(np.where(M, X, 0)).any(axis=1)
+    if over.any():
+        res[over] = (np.where(M[over], X[over] / c[over, None], 0)).sum(axis=1)
+    return res
+
+
+def _masked_extreme(X, M, fill, op):
+    Z = np.where(M, X, fill)
+    res = op.reduce(Z, axis=1)
+    allnan = ~(M & ~np.isnan(X)).any(axis=1)
+    return np.where(allnan, np.nan, res)
+
+
+def min_over_time(X, TS, M, c, p, e):
+    return _masked_extreme(X, M, np.inf, np.fmin)
+
+
+def max_over_time(X, TS, M, c, p, e):
+    return _masked_extreme(X, M, -np.inf, np.fmax)
+
+
+def last_over_time(X, TS, M, c, p, e):
+    return _first_last(X, TS, M, c)[1]
+
+
+def first_over_time(X, TS, M, c, p, e):
+    return X[:, 0]
+
+
+def present_over_time(X, TS, M, c, p, e):
+    return np.ones(len(c))
+
+
+def stdvar_over_time(X, TS, M, c, p, e):
+    mean = _kahan_sum(X, M) / c
+    d = np.where(M, X - mean[:, None], 0.0)
+    return _kahan_sum(d * d, M) / c
+
+
+def stddev_over_time(X, TS, M, c, p, e):
+    return np.sqrt(stdvar_over_time(X, TS, M, c, p, e))
+
+
+def _quantiles(X, M, c, q):
+    """Prometheus' quantile: linear interpolation between ranks q*(n-1) of the sorted values."""
+    Z = np.sort(np.where(M, X, np.inf), axis=1)
+    # Go's sort.Float64s puts NaN first; numpy puts it last: rotate NaNs to the front.
+    nan_count = np.isnan(Z).sum(axis=1)
+    if nan_count.any():
+        for r in np.flatnonzero(nan_count):
+            n = c[r]
+            row = Z[r, :n]
+            Z[r, :n] = np.concatenate([row[np.isnan(row)], row[~np.isnan(row)]])
+    n = c.astype(float)
+    rank = q * (n - 1)
+    lower = np.clip(np.floor(rank), 0, np.maximum(n - 1, 0)).astype(np.int64)
+    upper = np.clip(lower + 1, 0, np.maximum(n - 1, 0).astype(np.int64))
+    weight = rank - np.floor(rank)
+    rows = np.arange(len(c))
+    res = Z[rows, lower] * (1 - weight) + Z[rows, upper] * weight
+    res = np.where(weight == 0, Z[rows, lower], res)
+    res = np.where(q < 0, -np.inf, res)
+    res = np.where(q > 1, np.inf, res)
+    return np.where(np.isnan(q), np.nan, res)
+
+
+def quantile_over_time(X, TS, M, c, p, e):
+    return _quantiles(X, M, c, p[0])
+
+
+def mad_over_time(X, TS, M, c, p, e):
+    med = _quantiles(X, M, c, np.full(len(c), 0.5))
+    dev = np.abs(X - med[:, None])
+    return _quantiles(dev, M, c, np.full(len(c), 0.5))
+
+
+def changes(X, TS, M, c, p, e):
+    prev, cur = X[:, :-1], X[:, 1:]
+    changed = ~((cur == prev) | (np.isnan(cur) & np.isnan(prev)))
+    return (changed & M[:, 1:]).sum(axis=1).astype(float)
+
+
+def resets(X, TS, M, c, p, e):
+    return ((X[:, 1:] < X[:, :-1]) & M[:, 1:]).sum(axis=1).astype(float)
+
+
+def make_extrapolated(range_ms: int, is_counter: bool, is_rate: bool):
+    """rate / increase / delta with Prometheus' extrapolation to the window's boundaries."""
+
+    def fn(X, TS, M, c, p, ends):
+        first_v, last_v, first_t, last_t, rows, last = _first_last(X, TS, M, c)
+        result = last_v - first_v
+        if is_counter:
+            drops = (X[:, 1:] < X[:, :-1]) & M[:, 1:]
+            result = result + np.where(drops, X[:, :-1], 0.0).sum(axis=1)
+        range_start = ends - range_ms
+        to_start = (first_t - range_start) / 1000.0
+        to_end = (ends - last_t) / 1000.0
+        sampled = (last_t - first_t) / 1000.0
+        avg_gap = sampled / np.maximum(c - 1, 1)
+        threshold = avg_gap * 1.1
+        to_start = np.where(to_start >= threshold, avg_gap / 2, to_start)
+        if is_counter:
+            to_zero = np.where((result > 0) & (first_v >= 0), sampled * (first_v / result), to_start)
+            to_start = np.minimum(to_start, to_zero)
+        to_end = np.where(to_end >= threshold, avg_gap / 2, to_end)
+        factor = (sampled + to_start + to_end) / sampled
+        if is_rate:
+            factor = factor / (range_ms / 1000.0)
+        return result * factor
+
+    return fn
+
+
+def make_instant(is_rate: bool):
+    """irate / idelta: from the last two samples of the window."""
+
+    def fn(X, TS, M, c, p, e):
+        rows = np.arange(len(c))
+        last = np.maximum(c - 1, 0)
+        prev = np.maximum(c - 2, 0)
+        lv, pv = X[rows, last], X[rows, prev]
+        if not is_rate:
+            return lv - pv
+        dt = (TS[rows, last] - TS[rows, prev]) / 1000.0
+        diff = np.where(lv < pv, lv, lv - pv)
+        return diff / dt
+
+    return fn
+
+
+def _regression(X, TS, M, c, intercept_ts):
+    """Least-squares slope and intercept, x in seconds relative to intercept_ts (Prometheus)."""
+    x = np.where(M, (TS - intercept_ts[:, None]) / 1000.0, 0.0)
+    y = np.where(M, X, 0.0)
+    n = c.astype(float)
+    sx, sy = x.sum(axis=1), y.sum(axis=1)
+    sxy, sxx = (x * y).sum(axis=1), (x * x).sum(axis=1)
+    const_y = np.all(np.where(M, X == X[:, :1], True), axis=1)
+    cov = sxy - sx * sy / n
+    var = sxx - sx * sx / n
+    slope = cov / var
+    intercept = sy / n - slope * sx / n
+    slope = np.where(const_y, 0.0, slope)
+    intercept = np.where(const_y, X[:, 0], intercept)
+    return slope, intercept
+
+
+def deriv(X, TS, M, c, p, e):
+    return _regression(X, TS, M, c, TS[:, 0])[0]
+
+
+def predict_linear(X, TS, M, c, p, ends):
+    slope, intercept = _regression(X, TS, M, c, ends)
+    return slope * p[0] + intercept
+
+
+def double_exponential_smoothing(X, TS, M, c, p, e):
+    """Holt-Winters double exponential smoothing, step by step as Prometheus does it."""
+    sf, tf = p[0], p[1]
+    for factor, what in ((sf, "smoothing factor"), (tf, "trend factor")):
+        bad = (factor <= 0) | (factor >= 1)
+        if bad.any():
+            raise PromQLError(f"invalid {what}. Expected: 0 < {what[:1]}f < 1, got: {factor[bad][0]}")
+    out = np.full(len(c), np.nan)
+    for r in range(len(c)):
+        vals = X[r, : c[r]]
+        if len(vals) < 2:
+            continue
+        s0, s1, b = 0.0, vals[0], vals[1] - vals[0]
+        for i in range(1, len(vals)):
+            if i > 1:
+                b = tf[r] * (s1 - s0) + (1 - tf[r]) * b
+            s0, s1 = s1, sf[r] * vals[i] + (1 - sf[r]) * (s1 + b)
+        out[r] = s1
+    return out
+
+
+# name -> (function, minimum samples, number of leading scalar parameters)
+SIMPLE = {
+    "sum_over_time": (sum_over_time, 1, 0),
+    "count_over_time": (count_over_time, 1, 0),
+    "avg_over_time": (avg_over_time, 1, 0),
+    "min_over_time": (min_over_time, 1, 0),
+    "max_over_time": (max_over_time, 1, 0),
+    "last_over_time": (last_over_time, 1, 0),
+    "first_over_time": (first_over_time, 1, 0),
+    "present_over_time": (present_over_time, 1, 0),
+    "stddev_over_time": (stddev_over_time, 1, 0),
+    "stdvar_over_time": (stdvar_over_time, 1, 0),
+    "quantile_over_time": (quantile_over_time, 1, 1),
+    "mad_over_time": (mad_over_time, 1, 0),
+    "changes": (changes, 1, 0),
+    "resets": (resets, 1, 0),
+    "deriv": (deriv, 2, 0),
+    "predict_linear": (predict_linear, 2, 1),
+    "irate": (make_instant(True), 2, 0),
+    "idelta": (make_instant(False), 2, 0),
+    "double_exponential_smoothing": (double_exponential_smoothing, 2, 2),
+}
+EXTRAPOLATED = {"rate": (True, True), "increase": (True, False), "delta": (False, False)}
+# Functions over a range vector that keep the metric name.
+KEEP_NAME = {"last_over_time", "first_over_time"}
