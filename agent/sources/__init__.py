@@ -8,7 +8,7 @@ is enabled, so a node without pynvml never needs it and a new source is one entr
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent.sources.base import Source
 
@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 def _nvml(cfg: "AgentConfig") -> Source:
     from agent.sources.nvml import NvmlSource
-    return NvmlSource(nvml=None)   # None: the source imports pynvml itself
+    # The kernel log and NVML events report the same XIDs with the same labels: NVML's event
+    # thread runs only where the xid source cannot read the kernel log, so nothing counts twice.
+    kmsg_readable = cfg.enabled("xid") and os.access(cfg.kmsg_path, os.R_OK)
+    return NvmlSource(nvml=None, xid_events=not kmsg_readable)   # None: imports pynvml itself
 
 
 def _dcgm(cfg: "AgentConfig") -> Source:
@@ -41,11 +44,12 @@ def _power(cfg: "AgentConfig") -> Source:
     return PowerSource(sysfs_root=cfg.sysfs_root, ipmitool_command=list(cfg.ipmitool_command))
 
 
-def _xid(cfg: "AgentConfig") -> Source:
+def _xid(cfg: "AgentConfig", nvml: Any = None) -> Source:
     from agent.sources.xid import XidSource
     # The dedupe state lives under state_dir so a restarted agent never counts a line twice.
+    # With the NVML source's handle, bus ids map to NVML's own GPU index and uuid exactly.
     return XidSource(kmsg_path=cfg.kmsg_path, procfs_root=cfg.procfs_root,
-                     state_dir=os.path.join(cfg.state_dir, "xid"), nvml=None)
+                     state_dir=os.path.join(cfg.state_dir, "xid"), nvml=nvml)
 
 
 # Order is the order sources are collected and reported in.
@@ -56,4 +60,13 @@ FACTORIES: dict[str, Callable[["AgentConfig"], Source]] = {
 
 def build_sources(config: "AgentConfig") -> list[Source]:
     """Every enabled source, constructed from the config (supported() is asked later)."""
-    return [factory(config) for name, factory in FACTORIES.items() if config.enabled(name)]
+    sources: list[Source] = []
+    for name, factory in FACTORIES.items():
+        if not config.enabled(name):
+            continue
+        if name == "xid":
+            nvml_src = next((s for s in sources if s.name == "nvml"), None)
+            sources.append(_xid(config, getattr(nvml_src, "nvml", None)))
+        else:
+            sources.append(factory(config))
+    return sources
