@@ -1,0 +1,148 @@
+"""Write a simulated run as a trace directory (docs/trace-format.md).
+
+Samples stream out one UTC day per Parquet file, a block of steps at a time, so memory stays
+bounded by one block whatever the duration. Parquet is written with pyarrow: `name` and `labels`
+are dictionary-encoded Arrow columns (a block has a few thousand distinct series, so the writer
+stores each label string once per row group instead of once per sample).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agent.catalog import catalog
+from agent.simulate import params as P
+from agent.simulate.scenario import Scenario
+from agent.simulate.signals import Block, Labeler, Renderer
+
+TRACE_VERSION = 1
+SAMPLES_SCHEMA = pa.schema([
+    ("ts", pa.int64()),
+    ("name", pa.dictionary(pa.int32(), pa.string())),
+    ("labels", pa.dictionary(pa.int32(), pa.string())),
+    ("value", pa.float64()),
+])
+# Parquet settings fixed here so two runs write identical bytes.
+_PARQUET = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
+
+
+def block_table(block: Block, labeler: Labeler) -> pa.Table:
+    """One block as rows (ts, name, labels, value), series by series; silent steps dropped."""
+    cat = catalog()
+    names, labels, values = [], [], []
+    for g in block.groups:
+        prom = cat.prom(g.otel)
+        for j, e in enumerate(g.ids.tolist()):
+            extra = g.per_row[j] if g.per_row is not None else g.extra
+            labels.append(labeler.label_json(g.otel, g.kind, e, extra))
+            names.append(prom)
+        values.append(g.values)
+    T = block.ts.size
+    if not values:
+        return SAMPLES_SCHEMA.empty_table()
+    matrix = np.vstack(values)
+    S = matrix.shape[0]
+    flat = matrix.ravel()
+    keep = ~np.isnan(flat)
+    name_dict, name_idx = np.unique(np.array(names, dtype=object), return_inverse=True)
+    label_dict, label_idx = np.unique(np.array(labels, dtype=object), return_inverse=True)
+    series = np.repeat(np.arange(S, dtype=np.int32), T)[keep]
+    return pa.table([
+        pa.array(np.tile(block.ts, S)[keep], pa.int64()),
+        pa.DictionaryArray.from_arrays(name_idx.astype(np.int32)[series], pa.array(name_dict.tolist(), pa.string())),
+        pa.DictionaryArray.from_arrays(label_idx.astype(np.int32)[series], pa.array(label_dict.tolist(), pa.string())),
+        pa.array(flat[keep], pa.float64()),
+    ], schema=SAMPLES_SCHEMA)
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, **_PARQUET)
+
+
+def write_trace(out: str | Path, sc: Scenario, step_s: int, metric_set: str = "health",
+                block_hours: float = 6.0, progress=None) -> dict:
+    """Write the whole trace; returns meta (also written to meta.json). progress(day, days)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new directory for the trace")
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    renderer = Renderer(sc, step_s, metric_set)
+    labeler = Labeler(renderer)
+    ts_all = renderer.steps()
+    block_steps = max(1, int(block_hours * 3600 // step_s))
+    metric_names: set[str] = set()
+    days = np.unique(ts_all // P.DAY_MS)
+    for d_i, day in enumerate(days.tolist()):
+        ts_day = ts_all[(ts_all // P.DAY_MS) == day]
+        date = np.datetime64(int(day) * P.DAY_MS, "ms").astype("datetime64[D]")
+        writer = pq.ParquetWriter(out / "samples" / f"{date}.parquet", SAMPLES_SCHEMA, **_PARQUET)
+        try:
+            for block in renderer.blocks(ts_day, block_steps, block_seed=int(day)):
+                table = block_table(block, labeler)
+                metric_names.update(table.column("name").chunk(0).dictionary.to_pylist() if table.num_rows else [])
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        finally:
+            writer.close()
+        if progress:
+            progress(d_i + 1, days.size)
+    _write_truth(out, sc)
+    meta = {
+        "version": TRACE_VERSION, "seed": sc.seed, "start_ms": sc.start_ms,
+        "duration_s": (sc.end_ms - sc.start_ms) // 1000, "step_s": step_s,
+        "nodes": sc.fleet.n_nodes, "chips_per_node": sc.chips_override,
+        "trainium_share": sc.trainium_share, "metrics": metric_set,
+        "metric_names": sorted(metric_names),
+        "regimes": [{"mode": r.mode, "start_ms": r.start_ms, "end_ms": r.end_ms, "factor": r.factor}
+                    for r in sc.regimes if r.start_ms < sc.end_ms],
+        "generator": "shopfloor simulate",
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
+    return meta
+
+
+def failures_table(sc: Scenario) -> pa.Table:
+    """Failures that happen in the trace, plus later ones whose precursor is already visible."""
+    f = sc.fleet
+    rows = [fl for fl in sc.failures if sc.start_ms <= fl.ts and
+            (fl.ts < sc.end_ms or (fl.precursor_start is not None and fl.precursor_start < sc.end_ms))]
+    return pa.table({
+        "ts": pa.array([fl.ts for fl in rows], pa.int64()),
+        "cluster": pa.array([f.cluster[fl.node] for fl in rows], pa.string()),
+        "rack": pa.array([f.rack[fl.node] for fl in rows], pa.string()),
+        "node": pa.array([f.node[fl.node] for fl in rows], pa.string()),
+        "chip": pa.array([str(int(f.slot_chip[fl.slot])) if fl.slot >= 0 else "" for fl in rows], pa.string()),
+        "uuid": pa.array([sc.inc_uuid[fl.inc] if fl.inc >= 0 else "" for fl in rows], pa.string()),
+        "mode": pa.array([fl.mode for fl in rows], pa.string()),
+        "precursor_start": pa.array([fl.precursor_start for fl in rows], pa.int64()),
+        "lemon": pa.array([bool(f.lemon[fl.node]) for fl in rows], pa.bool_()),
+    })
+
+
+def _write_truth(out: Path, sc: Scenario) -> None:
+    f = sc.fleet
+    _write(pa.table({
+        "node": pa.array(f.node, pa.string()), "cluster": pa.array(f.cluster, pa.string()),
+        "rack": pa.array(f.rack, pa.string()), "vendor": pa.array(f.vendor, pa.string()),
+        "model": pa.array(f.model, pa.string()), "chips": pa.array(f.chips, pa.int64()),
+        "lemon": pa.array(f.lemon, pa.bool_()),
+    }), out / "nodes.parquet")
+    _write(failures_table(sc), out / "failures.parquet")
+    keep = (sc.job_start < sc.end_ms) & (sc.job_end > sc.start_ms)
+    _write(pa.table({
+        "job": pa.array([sc.job_names[j] for j in sc.job_of_row[keep]], pa.string()),
+        "node": pa.array([f.node[n] for n in sc.job_node[keep]], pa.string()),
+        "start": pa.array(sc.job_start[keep], pa.int64()),
+        "end": pa.array(sc.job_end[keep], pa.int64()),
+    }), out / "jobs.parquet")
+    storms = [s for s in sc.storms if sc.start_ms <= s[0] < sc.end_ms]
+    _write(pa.table({
+        "ts": pa.array([s[0] for s in storms], pa.int64()),
+        "job": pa.array([sc.job_names[s[1]] for s in storms], pa.string()),
+        "xid": pa.array([s[2] for s in storms], pa.int64()),
+        "nodes": pa.array([[f.node[n] for n in s[3]] for s in storms], pa.list_(pa.string())),
+    }), out / "storms.parquet")
