@@ -1,0 +1,193 @@
+"""The collector's rule evaluator on a real DuckDB store and the real PromQL engine.
+
+Samples go in through the single ingest path (Writer.write); evaluation times are explicit, so
+pending -> firing -> resolved, keep_firing_for and Alertmanager resends are checked step by step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.catalog import catalog
+from collector.promql.engine import Engine
+from collector.rules.evaluator import RuleManager, _go_e
+from collector.rules.loader import RuleFileError, load_rule_files, parse_rule_file
+from collector.rules.template import TemplateError, Template, go_float, humanize, humanize_percentage
+from collector.store.core import Store
+from collector.store.writer import Writer
+from tests.support import ROOT
+
+T0 = 1_700_000_000          # seconds; a round start for readable arithmetic
+CHIP = {"cluster": "c1", "node": "n001", "rack": "r01", "chip": "3", "uuid": "GPU-5f1c9e2a",
+        "vendor": "nvidia", "model": "NVIDIA H100 80GB HBM3"}
+
+
+@pytest.fixture
+def store():
+    s = Store(":memory:")
+    yield s
+    s.close()
+
+
+def write_gauge(writer, otel_name, labels, values, step_s=30, start=T0):
+    name = catalog().prom(otel_name)
+    res = writer.write([(name, labels, (start + i * step_s) * 1000, v) for i, v in enumerate(values)])
+    assert res.accepted == len(values), res.errors
+
+
+def manager_for(store, text, **kw):
+    sent: list[list[dict]] = []
+    groups = parse_rule_file(text, "test.yaml")
+    m = RuleManager(groups, Engine(store), notify=sent.append, external_url="http://collector:9600", **kw)
+    return m, sent
+
+
+def test_shipped_rule_pending_firing_resolved_and_notified(store):
+    """GpuRowRemapFailure from alerts/shopfloor.yaml (for: 1m) through the real engine."""
+    writer = Writer(store)
+    # failure flag 1 for 5 minutes, then 0
+    write_gauge(writer, "hw.gpu.row_remap.failure", CHIP, [1] * 10 + [0] * 10)
+    groups = [g for g in load_rule_files([str(ROOT / "alerts" / "shopfloor.yaml")])
+              if g.name == "shopfloor-accelerators"]
+    sent: list[list[dict]] = []
+    m = RuleManager(groups, Engine(store), notify=sent.append, resend_delay_s=60,
+                    external_labels={"site": "dc1"}, external_url="http://collector:9600")
+    group = m.groups[0]
+    rule = next(r for r in group.rules if r.name == "GpuRowRemapFailure")
+
+    m.evaluate(group, T0)
+    assert rule.state() == "pending" and sent == []
+    m.evaluate(group, T0 + 30)
+    assert rule.state() == "pending"
+    m.evaluate(group, T0 + 60)                       # for: 1m reached
+    assert rule.state() == "firing"
+    assert len(sent) == 1 and len(sent[0]) == 1
+    alert = sent[0][0]
+    assert alert["labels"] == {**CHIP, "alertname": "GpuRowRemapFailure", "severity": "critical", "site": "dc1"}
+    assert alert["annotations"]["summary"] == "Row remapping failed on n001 GPU 3"
+    assert alert["annotations"]["runbook_url"] == "docs/runbooks/GpuRowRemapFailure.md"
+    assert alert["startsAt"] == "2023-11-14T22:14:20.000Z"
+    assert alert["endsAt"] == "2023-11-14T22:18:20.000Z"  # valid until now + 4 x resend_delay
+    assert alert["generatorURL"].startswith("http://collector:9600/graph?g0.expr=hw_gpu_row_remap_failure")
+
+    m.evaluate(group, T0 + 90)                       # within resend_delay: nothing new to send
+    assert len(sent) == 1
+    m.evaluate(group, T0 + 150)                      # resend_delay passed: re-sent
+    assert len(sent) == 2 and sent[1][0]["startsAt"] == alert["startsAt"]
+
+    api = m.active_alerts()
+    assert [a["labels"]["alertname"] for a in api] == ["GpuRowRemapFailure"]
+    assert api[0]["state"] == "firing" and api[0]["value"] == "1e+00"
+
+    m.evaluate(group, T0 + 330)                      # flag is 0 now: resolved, sent with endsAt
+    assert rule.state() == "inactive"
+    resolved = sent[-1][0]
+    assert resolved["endsAt"] == "2023-11-14T22:18:50.000Z"
+    assert m.active_alerts() == []
+    n = len(sent)
+    m.evaluate(group, T0 + 360)                      # resolved once is enough
+    assert len(sent) == n
+
+
+def test_keep_firing_for_and_pending_that_never_fires(store):
+    writer = Writer(store)
+    write_gauge(writer, "hw.gpu.row_remap.pending", CHIP, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0], step_s=60)
+    write_gauge(writer, "hw.gpu.row_remap.failure", CHIP, [1, 0, 0, 0, 0, 0, 0, 0, 0, 0], step_s=60)
+    p, f = catalog().prom("hw.gpu.row_remap.pending"), catalog().prom("hw.gpu.row_remap.failure")
+    m, sent = manager_for(store, f"""
+groups:
+  - name: g
+    rules:
+      - alert: Sticky
+        expr: {p} == 1
+        for: 0s
+        keep_firing_for: 3m
+        labels: {{severity: warning, where: "{{{{ $labels.node }}}}"}}
+      - alert: Slow
+        expr: {f} == 1
+        for: 5m
+""")
+    g = m.groups[0]
+    sticky, slow = g.rules
+    m.evaluate(g, T0)
+    assert sticky.state() == "firing"                # for: 0 fires on the first evaluation
+    assert slow.state() == "pending"
+    assert sent[0][0]["labels"]["where"] == "n001"   # label templates are expanded
+    m.evaluate(g, T0 + 60)
+    assert slow.active == {}                         # pending alerts vanish with their condition
+    # pending flag drops to 0 at T0+180; keep_firing_for holds the alert for 3 more minutes
+    for t in (180, 240, 300, 330):
+        m.evaluate(g, T0 + t)
+        assert sticky.state() == "firing", t
+    assert "keepFiringSince" in m.active_alerts()[0]
+    m.evaluate(g, T0 + 360)
+    assert sticky.state() == "inactive"
+    assert sent[-1][0]["endsAt"] == "2023-11-14T22:19:20.000Z"
+
+
+def test_a_failing_rule_is_reported_and_the_others_still_run(store):
+    writer = Writer(store)
+    write_gauge(writer, "hw.gpu.row_remap.failure", CHIP, [1] * 4)
+    write_gauge(writer, "hw.gpu.row_remap.failure", {**CHIP, "chip": "4", "uuid": "GPU-2"}, [1] * 4)
+    f = catalog().prom("hw.gpu.row_remap.failure")
+    failures = []
+    m, sent = manager_for(store, f"""
+groups:
+  - name: h
+    rules:
+      - alert: Collides          # both chips get the same label set: Prometheus refuses that
+        expr: {f} == 1
+        labels: {{chip: same, uuid: same}}
+      - alert: Fine
+        expr: {f} == 1
+""", on_failure=failures.append)
+    g = m.groups[0]
+    m.evaluate(g, T0 + 30)
+    bad, fine = g.rules
+    assert bad.health == "err" and "same labelset" in bad.last_error
+    assert fine.health == "ok" and fine.state() == "firing" and len(sent[0]) == 2
+    assert failures == ["h"]
+    assert g.api()["rules"][0]["lastError"] == bad.last_error
+
+
+def test_recording_rule_writes_through_the_writer(store):
+    writer = Writer(store)
+    write_gauge(writer, "hw.power", CHIP, [500.0, 510.0])
+    write_gauge(writer, "hw.power", {**CHIP, "chip": "4", "uuid": "GPU-2"}, [300.0, 310.0])
+    m, _ = manager_for(store, f"""
+groups:
+  - name: rec
+    rules:
+      - record: node:accelerator_power:sum
+        expr: sum by (node) ({catalog().prom("hw.power")})
+""", write=writer.write)
+    m.evaluate(m.groups[0], T0 + 30)
+    res = Engine(store).instant("node:accelerator_power:sum", T0 + 30)
+    assert [(lb["node"], v) for lb, v in res.value] == [("n001", 820.0)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("groups: [{name: a, rules: [{alert: X, expr: 'rate(x[5m]'}]}]", "bad expression"),
+    ("groups: [{name: a, rules: [{alert: X, expr: up, for: soon}]}]", "not a duration"),
+    ("groups: [{name: a, rules: [{alert: X, record: y, expr: up}]}]", "exactly one"),
+    ("groups: [{name: a, rules: [{alert: X, expr: up, annotations: {s: '{{ range . }}'}}]}]", "unsupported template"),
+    ("groups: [{name: a}, {name: a}]", "duplicate group"),
+    ("nothing: here", "groups"),
+])
+def test_bad_rule_files_are_refused_with_a_reason(text, message):
+    with pytest.raises(RuleFileError, match=message):
+        parse_rule_file(text, "bad.yaml")
+
+
+def test_template_subset_matches_prometheus_formatting():
+    # Values checked against promtool's rendering in alerts/tests (humanize, percentages) and Go's %v.
+    assert [go_float(v) for v in (1.0, 0.5, 1e6, 123456.0, 1e-5, 1380.0)] == \
+        ["1", "0.5", "1e+06", "123456", "1e-05", "1380"]
+    assert [humanize(v) for v in (0.0, 1380.0, 0.1, 16.666666666666668, 2.5e9)] == \
+        ["0", "1.38k", "100m", "16.67", "2.5G"]
+    assert humanize_percentage(0.09523809523809523) == "9.524%"
+    assert Template('{{ printf "%.1f" $value }}W on {{$labels.node}}').render({"node": "n1"}, 701.26) == "701.3W on n1"
+    assert Template("{{ $labels.missing }}|{{ humanize $value }}").render({}, 2048) == "|2.048k"
+    assert _go_e(0.05) == "5e-02"
+    with pytest.raises(TemplateError):
+        Template("{{ $value | title }}")
