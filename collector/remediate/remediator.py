@@ -29,7 +29,7 @@ from agent.catalog import catalog
 from collector.health.verdict import Action, ChipRef, State, Verdict
 from collector.remediate.audit import Audit, Cordon, Decision
 from collector.remediate.base import REASON_PREFIX, Backend, BackendError, Result, clean_reason
-from collector.remediate.budget import Budget
+from collector.remediate.budget import Budget, Inventory
 
 MetricRows = list[tuple[str, dict[str, str], int, float | None]]
 
@@ -45,7 +45,8 @@ class Remediator:
     def __init__(self, backend: Backend, budget: Budget, audit: Audit, *, dry_run: bool = True,
                  healthy_window_s: float = 3600.0, verify_command: Sequence[str] | None = None,
                  verify_timeout_s: float = 600.0, storm_nodes: int = 3, repeat_audit_s: float = 600.0,
-                 metrics_sink: Callable[[MetricRows], object] | None = None):
+                 metrics_sink: Callable[[MetricRows], object] | None = None,
+                 inventory_loader: Callable[[], Inventory] | None = None, inventory_refresh_s: float = 60.0):
         self.backend = backend
         self.budget = budget
         self.audit = audit
@@ -56,6 +57,11 @@ class Remediator:
         self.storm_nodes = storm_nodes
         self.repeat_audit_s = repeat_audit_s
         self.metrics_sink = metrics_sink
+        # Where the budget's chip counts come from (the collector's hw.gpu.info series), re-read
+        # at most every inventory_refresh_s; without a loader the budget's inventory is fixed.
+        self.inventory_loader = inventory_loader
+        self.inventory_refresh_s = inventory_refresh_s
+        self._inventory_at = float("-inf")
         self.lock = threading.RLock()
         self.counts: Counter[tuple[str, str]] = Counter()
         self._last_audit: dict[str, tuple[str, str, tuple[str, ...], float]] = {}
@@ -66,6 +72,7 @@ class Remediator:
     def apply(self, verdicts: Iterable[Verdict], now: float | None = None) -> list[Decision]:
         now = time.time() if now is None else now
         with self.lock:
+            self._refresh_inventory()
             latest: dict[str, Verdict] = {}
             for v in verdicts:
                 old = latest.get(v.chip.key)
@@ -97,6 +104,11 @@ class Remediator:
             self.budget.refresh_tripped(self.audit.cordons(dry_run=self.dry_run), self._new_last_hour(now))
             self._emit(now)
             return d
+
+    def _refresh_inventory(self) -> None:
+        if self.inventory_loader is not None and time.monotonic() - self._inventory_at >= self.inventory_refresh_s:
+            self.budget.inventory = self.inventory_loader()
+            self._inventory_at = time.monotonic()
 
     # ------------------------------------------------------------------ decisions
     def _storm_jobs(self, verdicts: Iterable[Verdict]) -> set[str]:
