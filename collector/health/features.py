@@ -1,0 +1,493 @@
+"""Feature extraction: the one layer that reads telemetry for the health rules and the risk model.
+
+It works identically on a simulator trace directory (docs/trace-format.md) and on the collector's
+DuckDB store, so the backtest runs the code the live service runs:
+
+1. `series_hours_*`: one DuckDB aggregate per source turns raw samples into one row per series and
+   hour (first/last value and time, min, max, sum, count). Only the metrics the signals use are
+   read. The SQL is the same for both sources; only the FROM clause differs.
+2. `rollup`: maps each series to a chip (cluster, node, chip, uuid) or a node, and to a *signal*
+   (SIGNALS below: a catalog metric, a label filter and how to reduce it), turning counters into
+   per-hour increases (resets handled) and reducing gauges. A small `carry` table (each counter
+   series' last value) links consecutive chunks, so a long trace is read a day at a time and the
+   live service a few hours at a time, with the same result.
+3. `xid_events`: exact XID occurrences (time, chip, code, count) from the XID counters; a window
+   function finds the increments. Fate-sharing needs their exact time.
+4. `features`: a dense chip x hour grid with rolling windows (1 h, 6 h, 24 h, 7-day baseline)
+   computed with cumulative sums per chip; every row is "what we knew at the end of that hour".
+
+Everything is vectorised (DuckDB group-bys, polars expressions over the whole grid); nothing loops
+over samples in Python. Metric names come from the catalog.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+import duckdb
+import polars as pl
+
+from agent.catalog import catalog
+
+HOUR_MS = 3_600_000
+CHIP_KEY = ["cluster", "node", "chip", "uuid"]
+NODE_KEY = ["cluster", "node"]
+# Labels the signals and rules look at (absent -> null).
+LABELS = ["cluster", "node", "rack", "chip", "uuid", "vendor", "model", "type", "memory", "scope",
+          "link", "reason", "sensor", "threshold", "device", "port", "counter", "cause", "xid"]
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One per-hour value per chip (or node) derived from one catalog metric."""
+
+    name: str                   # column in the hourly table
+    metric: str                 # OTel name in agent/catalog.yaml
+    # inc: counter increase, summed over series; max / min: of the values; mean: the largest
+    # series mean; minmax: the smallest per-series max (0 = some series was 0 all hour: a port
+    # down); flap: 1 when some series was both 0 and non-zero within the hour
+    agg: str
+    where: tuple[tuple[str, tuple[str, ...]], ...] = ()   # label -> allowed values ("" = absent)
+    level: str = "chip"         # chip | node
+
+
+def _w(**kw: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple(kw.items())
+
+
+SIGNALS: tuple[Signal, ...] = (
+    # ECC: lifetime ("aggregate") counters are preferred; volatile ones are the fallback.
+    Signal("ecc_corr_agg", "hw.gpu.ecc.errors", "inc", _w(type=("corrected",), memory=("device", "hbm", ""), scope=("aggregate", ""))),
+    Signal("ecc_corr_vol", "hw.gpu.ecc.errors", "inc", _w(type=("corrected",), memory=("device", "hbm", ""), scope=("volatile",))),
+    Signal("ecc_uncorr_agg", "hw.gpu.ecc.errors", "inc", _w(type=("uncorrected",), memory=("device", "hbm", ""), scope=("aggregate", ""))),
+    Signal("ecc_uncorr_vol", "hw.gpu.ecc.errors", "inc", _w(type=("uncorrected",), memory=("device", "hbm", ""), scope=("volatile",))),
+    Signal("sram_corr_agg", "hw.gpu.ecc.errors", "inc", _w(type=("corrected",), memory=("sram",), scope=("aggregate", ""))),
+    Signal("sram_corr_vol", "hw.gpu.ecc.errors", "inc", _w(type=("corrected",), memory=("sram",), scope=("volatile",))),
+    Signal("sram_uncorr_agg", "hw.gpu.ecc.errors", "inc", _w(type=("uncorrected",), memory=("sram",), scope=("aggregate", ""))),
+    Signal("sram_uncorr_vol", "hw.gpu.ecc.errors", "inc", _w(type=("uncorrected",), memory=("sram",), scope=("volatile",))),
+    Signal("remap_uncorr", "hw.gpu.row_remap.rows", "inc", _w(type=("uncorrectable",))),
+    Signal("remap_corr", "hw.gpu.row_remap.rows", "inc", _w(type=("correctable",))),
+    Signal("remap_pending", "hw.gpu.row_remap.pending", "max"),
+    Signal("remap_failure", "hw.gpu.row_remap.failure", "max"),
+    Signal("retired_sbe", "hw.gpu.retired_pages", "max", _w(cause=("single_bit",))),
+    Signal("retired_dbe", "hw.gpu.retired_pages", "max", _w(cause=("double_bit",))),
+    Signal("retired_pending", "hw.gpu.retired_pages.pending", "max"),
+    Signal("pcie_replays", "hw.gpu.pcie.replays", "inc"),
+    Signal("nvlink_errors", "hw.gpu.nvlink.errors", "inc"),
+    Signal("nvlink_up_min", "hw.gpu.nvlink.up", "min"),
+    Signal("recovery_action", "hw.gpu.recovery_action", "max"),
+    Signal("temp_max", "hw.temperature", "max", _w(sensor=("gpu", ""))),
+    Signal("temp_mean", "hw.temperature", "mean", _w(sensor=("gpu", ""))),
+    Signal("mem_temp_max", "hw.temperature", "max", _w(sensor=("memory",))),
+    Signal("temp_slowdown", "hw.temperature.limit", "min", _w(sensor=("gpu", ""), threshold=("slowdown",))),
+    Signal("throttle_thermal", "hw.gpu.clock.event.active", "mean", _w(reason=("hw_thermal", "sw_thermal", "hw_slowdown"))),
+    Signal("neuron_hw_errors", "hw.neuron.execution.errors", "inc", _w(type=("hardware",))),
+    # node level (EFA ports)
+    Signal("net_up_min", "hw.network.up", "min", level="node"),
+    Signal("net_up_max", "hw.network.up", "minmax", level="node"),
+    Signal("net_flap", "hw.network.up", "flap", level="node"),
+    Signal("efa_retrans", "hw.efa.port.counter", "inc", _w(counter=("retrans_pkts", "retrans_timeout_events")), level="node"),
+    Signal("efa_unresponsive", "hw.efa.port.counter", "inc",
+           _w(counter=("unresponsive_remote_events", "impaired_remote_conn_events")), level="node"),
+)
+XID_METRIC = "hw.gpu.xid.errors"
+# Metrics whose series appear only at their first event (the agent creates an XID counter at the
+# first XID of a code): a series first seen after the start of the data counts up from zero.
+FROM_ZERO = {XID_METRIC}
+
+
+def metric_names() -> list[str]:
+    """Prometheus names of every metric the health layer reads."""
+    cat = catalog()
+    return sorted({cat.prom(s.metric) for s in SIGNALS} | {cat.prom(XID_METRIC)})
+
+
+# ---------------------------------------------------------------------------- step 1: SQL
+_AGG = """
+SELECT name, labels, ts // {hour} AS hour,
+       min(ts) AS first_ts, arg_min(value, ts) AS first,
+       max(ts) AS last_ts, arg_max(value, ts) AS last,
+       min(value) AS vmin, max(value) AS vmax, sum(value) AS vsum, count(*) AS n
+FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name IN (SELECT unnest(?::VARCHAR[]))
+GROUP BY name, labels, hour
+"""
+_EVENTS = """
+SELECT name, labels, ts, value, lag(value) OVER (PARTITION BY name, labels ORDER BY ts) AS prev
+FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name = ?
+"""
+
+
+def _trace_src(trace_dir: str) -> str:
+    files = sorted(glob.glob(os.path.join(trace_dir, "samples", "*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"{trace_dir}: no samples/*.parquet (not a trace directory?)")
+    quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    return f"SELECT ts, name, labels, value FROM read_parquet([{quoted}])"
+
+
+# The store keeps label sets in `series` (a MAP); to_json gives the same JSON-object form as a trace.
+_STORE_SRC = ("SELECT s.ts, se.metric AS name, to_json(se.labels) AS labels, s.value "
+              "FROM samples s JOIN series se ON se.id = s.series_id")
+
+
+def _query(con, sql: str, params: list) -> pl.DataFrame:
+    return con.sql(sql, params=params).pl()
+
+
+def series_hours(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+    """Per series and hour aggregates of the health metrics with start_ms <= ts < end_ms."""
+    return _query(con, _AGG.format(hour=HOUR_MS, src=src), [start_ms, end_ms, metric_names()])
+
+
+def xid_events(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int,
+               data_start_ms: int) -> pl.DataFrame:
+    """XID occurrences: ts, chip labels, xid (int), count. A series first seen after
+    `data_start_ms` starts from zero (it was created by its first XID)."""
+    raw = _query(con, _EVENTS.format(src=src), [start_ms, end_ms, catalog().prom(XID_METRIC)])
+    if raw.is_empty():
+        return _empty_events()
+    inc = (pl.when(pl.col("prev").is_null())
+           .then(pl.when(pl.col("ts") > data_start_ms).then(pl.col("value")).otherwise(0.0))
+           .when(pl.col("value") >= pl.col("prev")).then(pl.col("value") - pl.col("prev"))
+           .otherwise(pl.col("value")))          # counter reset: the new value is the increase
+    ev = raw.with_columns(count=inc).filter(pl.col("count") > 0)
+    ev = _with_labels(ev)
+    return ev.select("ts", "cluster", "rack", "node", "chip", "uuid",
+                     pl.col("xid").cast(pl.Int64, strict=False).fill_null(-1).alias("xid"),
+                     pl.col("count").cast(pl.Int64)).sort("ts")
+
+
+def _empty_events() -> pl.DataFrame:
+    return pl.DataFrame(schema={"ts": pl.Int64, "cluster": pl.String, "rack": pl.String, "node": pl.String,
+                                "chip": pl.String, "uuid": pl.String, "xid": pl.Int64, "count": pl.Int64})
+
+
+def _with_labels(df: pl.DataFrame) -> pl.DataFrame:
+    """Decode the JSON label column once per distinct label set, then join it back."""
+    uniq = df.select("labels").unique()
+    dtype = pl.Struct({k: pl.String for k in LABELS})
+    parsed = uniq.with_columns(pl.col("labels").str.json_decode(dtype).alias("_l")).unnest("_l")
+    return df.join(parsed, on="labels", how="left")
+
+
+# ---------------------------------------------------------------------------- sources
+class TraceSource:
+    """Reads a simulator trace directory."""
+
+    def __init__(self, trace_dir: str):
+        self.dir = trace_dir
+        self.src = _trace_src(trace_dir)
+        self.con = duckdb.connect()
+
+    def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return series_hours(self.con, self.src, start_ms, end_ms)
+
+    def xid_events(self, start_ms: int, end_ms: int, data_start_ms: int) -> pl.DataFrame:
+        return xid_events(self.con, self.src, start_ms, end_ms, data_start_ms)
+
+    def time_range(self) -> tuple[int, int]:
+        lo, hi = self.con.execute(f"SELECT min(ts), max(ts) FROM ({self.src})").fetchall()[0]
+        if lo is None:
+            raise ValueError(f"{self.dir}: the trace has no samples")
+        return int(lo), int(hi)
+
+
+class StoreSource:
+    """Reads the collector's store (collector.store.core.Store)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return series_hours(self.store.cursor(), _STORE_SRC, start_ms, end_ms)
+
+    def xid_events(self, start_ms: int, end_ms: int, data_start_ms: int) -> pl.DataFrame:
+        return xid_events(self.store.cursor(), _STORE_SRC, start_ms, end_ms, data_start_ms)
+
+
+# ---------------------------------------------------------------------------- step 2: rollup
+def _signal_of(df: pl.DataFrame) -> pl.DataFrame:
+    """Add `signal` (null when the series feeds none) to a frame with name + label columns."""
+    cat = catalog()
+    parts = []
+    for s in SIGNALS:
+        cond = pl.col("name") == cat.prom(s.metric)
+        for label, allowed in s.where:
+            values = [v for v in allowed if v]
+            c = pl.col(label).is_in(values)
+            if "" in allowed:
+                c = c | pl.col(label).is_null() | (pl.col(label) == "")
+            cond = cond & c.fill_null(False)
+        parts.append((s.name, cond))
+    # a series may feed several signals (temp_max and temp_mean): explode over the matches
+    frames = [df.filter(cond).with_columns(signal=pl.lit(name)) for name, cond in parts]
+    return pl.concat(frames) if frames else df.clear().with_columns(signal=pl.lit(None, pl.String))
+
+
+_SIGNAL = {s.name: s for s in SIGNALS}
+
+
+@dataclass
+class Rollup:
+    """Hourly per-chip and per-node signals, plus presence."""
+
+    chips: pl.DataFrame     # cluster node chip uuid rack vendor model hour last_ts <signal columns>
+    nodes: pl.DataFrame     # cluster node hour node_last_ts <node signal columns>
+    carry: pl.DataFrame     # name labels last_hour last  (each counter series' last value)
+    chip_meta: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+
+def _empty_carry() -> pl.DataFrame:
+    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "c_hour": pl.Int64, "c_last": pl.Float64})
+
+
+def rollup(sh: pl.DataFrame, carry: pl.DataFrame | None = None) -> Rollup:
+    """Turn one chunk of series-hour rows into per-chip / per-node hourly signals.
+
+    `carry` holds each counter series' last value before this chunk; a counter series without
+    carry counts its increase from its first sample in the chunk."""
+    carry = _empty_carry() if carry is None else carry
+    sh = sh.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String),
+                         pl.col("hour").cast(pl.Int64))
+    sh = _with_labels(sh)
+    # presence: newest sample time of each chip and each node per hour (any health metric)
+    chip_rows = sh.filter(pl.col("chip").is_not_null() & (pl.col("chip") != ""))
+    presence = chip_rows.group_by(CHIP_KEY + ["hour"]).agg(
+        pl.col("last_ts").max(), pl.col("rack").drop_nulls().last(), pl.col("vendor").drop_nulls().last(),
+        pl.col("model").drop_nulls().last())
+    node_presence = sh.group_by(NODE_KEY + ["hour"]).agg(node_last_ts=pl.col("last_ts").max(),
+                                                         rack=pl.col("rack").drop_nulls().last())
+
+    tagged = _signal_of(sh)
+    counters = [n for n, s in _SIGNAL.items() if s.agg == "inc"]
+    is_inc = pl.col("signal").is_in(counters)
+    # counter increases per series-hour: sort per series, compare with the previous hour's last
+    inc_rows = tagged.filter(is_inc).sort("name", "labels", "hour")
+    inc_rows = inc_rows.join(carry, on=["name", "labels"], how="left")
+    prev_last = pl.col("last").shift(1).over(["name", "labels", "signal"])
+    prev = pl.coalesce(prev_last, pl.col("c_last"))
+    within = pl.col("last") - pl.col("first")          # no earlier value: what changed inside the hour
+    inc_rows = inc_rows.with_columns(
+        v=pl.when(prev.is_null()).then(within)
+        .when(pl.col("last") >= prev).then(pl.col("last") - prev)
+        .otherwise(pl.col("last")))                    # reset: counted from zero
+    new_carry = pl.concat([
+        carry,
+        inc_rows.group_by("name", "labels").agg(c_hour=pl.col("hour").max(), c_last=pl.col("last").sort_by("hour").last()),
+    ]).group_by("name", "labels").agg(pl.col("c_last").sort_by("c_hour").last(), pl.col("c_hour").max())
+    new_carry = new_carry.select(_empty_carry().columns)
+    def of(*aggs: str) -> pl.Expr:
+        return pl.col("signal").is_in([n for n, s in _SIGNAL.items() if s.agg in aggs])
+
+    gauge_rows = tagged.filter(~is_inc).with_columns(
+        v=pl.when(of("max", "minmax")).then(pl.col("vmax"))
+        .when(of("min")).then(pl.col("vmin"))
+        .when(of("flap")).then(((pl.col("vmin") == 0) & (pl.col("vmax") != 0)).cast(pl.Float64))
+        .otherwise(pl.col("vsum") / pl.col("n")))
+    cols = ["cluster", "node", "chip", "uuid", "hour", "signal", "v"]
+    allv = pl.concat([inc_rows.select(cols), gauge_rows.select(cols)])
+    chip_sig = [n for n, s in _SIGNAL.items() if s.level == "chip"]
+    node_sig = [n for n, s in _SIGNAL.items() if s.level == "node"]
+    chip_long = allv.filter(pl.col("signal").is_in(chip_sig)).group_by(CHIP_KEY + ["hour", "signal"]).agg(
+        v=pl.col("v").sum(), vmin=pl.col("v").min(), vmax=pl.col("v").max())
+    node_long = allv.filter(pl.col("signal").is_in(node_sig)).group_by(NODE_KEY + ["hour", "signal"]).agg(
+        v=pl.col("v").sum(), vmin=pl.col("v").min(), vmax=pl.col("v").max())
+    chips = _wide(presence, chip_long, CHIP_KEY + ["hour"], chip_sig)
+    nodes = _wide(node_presence, node_long, NODE_KEY + ["hour"], node_sig)
+    return Rollup(chips, nodes, new_carry)
+
+
+def _wide(base: pl.DataFrame, long: pl.DataFrame, keys: list[str], signals: list[str]) -> pl.DataFrame:
+    """One column per signal: counters summed, min-signals min, others max."""
+    long = long.with_columns(
+        val=pl.when(pl.col("signal").is_in([n for n in signals if _SIGNAL[n].agg == "inc"])).then(pl.col("v"))
+        .when(pl.col("signal").is_in([n for n in signals if _SIGNAL[n].agg in ("min", "minmax")])).then(pl.col("vmin"))
+        .otherwise(pl.col("vmax")))
+    if long.is_empty():
+        wide = base
+        for s in signals:
+            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(s))
+        return wide
+    piv = long.pivot(on="signal", index=keys, values="val", aggregate_function="first")
+    out = base.join(piv, on=keys, how="full", coalesce=True)
+    for s in signals:
+        if s not in out.columns:
+            out = out.with_columns(pl.lit(None, pl.Float64).alias(s))
+    return out
+
+
+def concat_rollups(parts: list[Rollup]) -> Rollup:
+    chips = pl.concat([p.chips for p in parts], how="diagonal_relaxed")
+    nodes = pl.concat([p.nodes for p in parts], how="diagonal_relaxed")
+    return Rollup(chips, nodes, parts[-1].carry if parts else _empty_carry())
+
+
+def read_hours(source, start_ms: int, end_ms: int, chunk_hours: int = 24,
+               carry: pl.DataFrame | None = None) -> Rollup:
+    """Roll up [start_ms, end_ms) chunk by chunk (aligned to hours)."""
+    start_ms = start_ms - start_ms % HOUR_MS
+    parts: list[Rollup] = []
+    t = start_ms
+    while t < end_ms:
+        t2 = min(end_ms, t + chunk_hours * HOUR_MS)
+        r = rollup(source.series_hours(t, t2), carry)
+        carry = r.carry
+        parts.append(r)
+        t = t2
+    return concat_rollups(parts) if parts else Rollup(pl.DataFrame(), pl.DataFrame(), _empty_carry())
+
+
+# ---------------------------------------------------------------------------- step 4: features
+WINDOWS = {"1h": 1, "6h": 6, "24h": 24}
+BASELINE_H = 24 * 7          # the "normal" rate: the 7 days before the last 24 h
+
+# Feature columns of the model (documented in docs/health.md); rules read some of them too.
+MODEL_FEATURES = [
+    "ecc_corr_1h", "ecc_corr_24h", "ecc_corr_base", "ecc_corr_ratio", "ecc_corr_growth",
+    "ecc_uncorr_7d", "sram_corr_24h", "remap_corr_7d", "remap_pending", "retired_total",
+    "pcie_1h", "pcie_24h", "pcie_base", "pcie_ratio",
+    "nvlink_1h", "nvlink_24h", "nvlink_ratio",
+    "temp_max_1h", "temp_max_24h", "temp_mean_24h", "temp_drift", "temp_max_drift", "thermal_margin",
+    "mem_temp_max_24h",
+    "throttle_6h", "throttle_24h",
+    "neuron_hw_1h", "neuron_hw_24h", "xid_7d", "xid_30d",
+    "efa_retrans_ratio", "efa_unresp_1h", "efa_unresp_24h", "efa_flap_hours_6h",
+    "is_trainium",
+]
+
+
+def _roll(col: str, hours: int) -> pl.Expr:
+    """Sum of the last `hours` hourly values per chip (nulls as 0), via a cumulative sum."""
+    cum = pl.col(col).fill_null(0).cum_sum().over("eid")
+    return cum - cum.shift(hours).over("eid").fill_null(0)
+
+
+def _count(col: str, hours: int) -> pl.Expr:
+    cum = pl.col(col).is_not_null().cast(pl.Int64).cum_sum().over("eid")
+    return cum - cum.shift(hours).over("eid").fill_null(0)
+
+
+def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None = None) -> pl.DataFrame:
+    """Dense chip x hour grid of features; the row for hour h is what was known at (h+1)*1h.
+
+    Chips are (cluster, node, chip, uuid): a replaced chip (new uuid) starts afresh and the old
+    one's rows stop where the new one's begin. `end_hour` extends the grid to that hour (a chip
+    silent since then is still evaluated: that is how "fallen off the bus" shows)."""
+    chips = r.chips
+    if chips.is_empty():
+        return pl.DataFrame()
+    for s in (n for n, sig in _SIGNAL.items() if sig.level == "chip"):
+        if s not in chips.columns:
+            chips = chips.with_columns(pl.lit(None, pl.Float64).alias(s))
+    chips = chips.group_by(CHIP_KEY + ["hour"]).agg(
+        pl.col("last_ts").max(), pl.col("rack", "vendor", "model").drop_nulls().last(),
+        *[(pl.col(s).sum() if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg == "min"
+           else pl.col(s).max()) for s in _SIGNAL if _SIGNAL[s].level == "chip"])
+    last_hour = int(chips["hour"].max()) if end_hour is None else int(end_hour)
+    ents = chips.group_by(CHIP_KEY).agg(
+        pl.col("rack", "vendor", "model").drop_nulls().last(), first_hour=pl.col("hour").min())
+    # a chip ends when the same slot reports a newer uuid
+    ents = ents.sort("cluster", "node", "chip", "first_hour").with_columns(
+        end_hour=(pl.col("first_hour").shift(-1).over(["cluster", "node", "chip"]) - 1).fill_null(last_hour))
+    ents = ents.with_row_index("eid").with_columns(pl.col("eid").cast(pl.Int64))
+    grid = ents.with_columns(hour=pl.int_ranges("first_hour", pl.col("end_hour") + 1)).explode("hour")
+    grid = grid.filter(pl.col("hour").is_not_null()).select("eid", *CHIP_KEY, "rack", "vendor", "model", "hour")
+    g = grid.join(chips.drop("rack", "vendor", "model"), on=CHIP_KEY + ["hour"], how="left")
+    nodes = r.nodes
+    node_sig = [n for n, s in _SIGNAL.items() if s.level == "node"]
+    if not nodes.is_empty():
+        for s in node_sig:
+            if s not in nodes.columns:
+                nodes = nodes.with_columns(pl.lit(None, pl.Float64).alias(s))
+        nodes = nodes.group_by(NODE_KEY + ["hour"]).agg(
+            pl.col("node_last_ts").max(),
+            *[(pl.col(s).sum() if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg in ("min", "minmax")
+               else pl.col(s).max()) for s in node_sig])
+        g = g.join(nodes, on=NODE_KEY + ["hour"], how="left")
+    else:
+        g = g.with_columns(pl.lit(None, pl.Int64).alias("node_last_ts"),
+                           *[pl.lit(None, pl.Float64).alias(s) for s in node_sig])
+    # XID counts per hour (all codes but the never-fatal, application-side ones)
+    if events is not None and not events.is_empty():
+        xh = (events.filter(~pl.col("xid").is_in([43, 45]))
+              .with_columns(hour=pl.col("ts") // HOUR_MS)
+              .group_by(CHIP_KEY + ["hour"]).agg(xid_n=pl.col("count").sum()))
+        g = g.join(xh, on=CHIP_KEY + ["hour"], how="left")
+    else:
+        g = g.with_columns(xid_n=pl.lit(None, pl.Int64))
+    g = g.sort("eid", "hour").with_columns(
+        ecc_corr=pl.coalesce("ecc_corr_agg", "ecc_corr_vol"),
+        ecc_uncorr=pl.coalesce("ecc_uncorr_agg", "ecc_uncorr_vol"),
+        sram_corr=pl.coalesce("sram_corr_agg", "sram_corr_vol"),
+        sram_uncorr=pl.coalesce("sram_uncorr_agg", "sram_uncorr_vol"),
+        efa_flap=pl.col("net_flap"),
+        hot=(pl.col("temp_max") >= pl.col("temp_slowdown")).cast(pl.Float64),
+    )
+    base_n = BASELINE_H + 24
+
+    def rate_base(col: str) -> pl.Expr:   # mean hourly value over the 7 days before the last 24 h
+        return (_roll(col, base_n) - _roll(col, 24)) / (_count(col, base_n) - _count(col, 24)).clip(1, None)
+
+    def fwd(col: str, limit: int = 2) -> pl.Expr:   # a state gauge persists briefly if a scrape is missed
+        return pl.col(col).forward_fill(limit).over("eid")
+
+    last_seen = pl.col("last_ts").forward_fill().over("eid")
+    node_seen = pl.col("node_last_ts").forward_fill().over("eid")
+    end_ms = (pl.col("hour") + 1) * HOUR_MS
+    g = g.with_columns(
+        t_ms=end_ms,
+        ecc_corr_1h=_roll("ecc_corr", 1), ecc_corr_24h=_roll("ecc_corr", 24),
+        ecc_corr_6h=_roll("ecc_corr", 6),
+        ecc_corr_base=rate_base("ecc_corr"),
+        ecc_uncorr_1h=_roll("ecc_uncorr", 1), ecc_uncorr_7d=_roll("ecc_uncorr", BASELINE_H),
+        sram_uncorr_1h=_roll("sram_uncorr", 1), sram_corr_24h=_roll("sram_corr", 24),
+        remap_uncorr_1h=_roll("remap_uncorr", 1), remap_corr_7d=_roll("remap_corr", BASELINE_H),
+        remap_pending=fwd("remap_pending"), remap_failure=fwd("remap_failure"),
+        retired_total=(fwd("retired_sbe").fill_null(0) + fwd("retired_dbe").fill_null(0)),
+        retired_dbe=fwd("retired_dbe"), retired_pending=fwd("retired_pending"),
+        pcie_1h=_roll("pcie_replays", 1), pcie_24h=_roll("pcie_replays", 24), pcie_base=rate_base("pcie_replays"),
+        nvlink_1h=_roll("nvlink_errors", 1), nvlink_24h=_roll("nvlink_errors", 24),
+        nvlink_base=rate_base("nvlink_errors"), nvlink_up_min=pl.col("nvlink_up_min"),
+        recovery_action=fwd("recovery_action"),
+        temp_max_1h=pl.col("temp_max"),
+        temp_max_24h=pl.col("temp_max").rolling_max(24, min_samples=1).over("eid"),
+        temp_max_base=pl.col("temp_max").shift(24).rolling_max(BASELINE_H, min_samples=1).over("eid"),
+        temp_mean_24h=_roll("temp_mean", 24) / _count("temp_mean", 24).clip(1, None),
+        temp_base=rate_base("temp_mean"),
+        thermal_margin=fwd("temp_slowdown", 24) - pl.col("temp_max"),
+        hot_6h=_roll("hot", 6),
+        mem_temp_max_24h=pl.col("mem_temp_max").rolling_max(24, min_samples=1).over("eid"),
+        throttle_6h=_roll("throttle_thermal", 6) / _count("throttle_thermal", 6).clip(1, None),
+        throttle_24h=_roll("throttle_thermal", 24) / _count("throttle_thermal", 24).clip(1, None),
+        neuron_hw_1h=_roll("neuron_hw_errors", 1), neuron_hw_24h=_roll("neuron_hw_errors", 24),
+        xid_7d=_roll("xid_n", BASELINE_H), xid_30d=_roll("xid_n", 24 * 30),
+        efa_retrans_1h=_roll("efa_retrans", 1), efa_retrans_base=rate_base("efa_retrans"),
+        efa_unresp_1h=_roll("efa_unresponsive", 1), efa_unresp_24h=_roll("efa_unresponsive", 24),
+        efa_flap_hours_6h=_roll("efa_flap", 6),
+        silent_min=(end_ms - last_seen) / 60_000,
+        node_silent_min=(end_ms - node_seen) / 60_000,
+        hours_seen=pl.int_range(1, pl.len() + 1).over("eid"),
+        is_trainium=(pl.col("vendor") == "aws").cast(pl.Float64),
+    )
+    floor = 1.0 / 24   # one event a day: keeps the ratio finite when the baseline is zero
+    g = g.with_columns(
+        ecc_corr_ratio=(pl.col("ecc_corr_24h") / 24) / pl.max_horizontal(pl.col("ecc_corr_base"), pl.lit(floor)),
+        ecc_corr_growth=(pl.col("ecc_corr_6h") / 6) / pl.max_horizontal(pl.col("ecc_corr_24h") / 24, pl.lit(floor)),
+        pcie_ratio=(pl.col("pcie_24h") / 24) / pl.max_horizontal(pl.col("pcie_base"), pl.lit(floor)),
+        nvlink_ratio=(pl.col("nvlink_24h") / 24) / pl.max_horizontal(pl.col("nvlink_base"), pl.lit(floor)),
+        temp_drift=pl.col("temp_mean_24h") - pl.col("temp_base"),
+        temp_max_drift=pl.col("temp_max_24h") - pl.col("temp_max_base"),
+        efa_retrans_ratio=pl.col("efa_retrans_1h") / pl.max_horizontal(pl.col("efa_retrans_base"), pl.lit(floor)),
+    )
+    return g
+
+
+def load_trace(trace_dir: str, chunk_hours: int = 24) -> tuple[Rollup, pl.DataFrame, int, int]:
+    """Roll up a whole trace: (rollup, xid events, start_ms, end_ms)."""
+    src = TraceSource(trace_dir)
+    lo, hi = src.time_range()
+    r = read_hours(src, lo, hi + 1, chunk_hours)
+    ev = src.xid_events(lo, hi + 1, data_start_ms=lo)
+    return r, ev, lo, hi + 1
