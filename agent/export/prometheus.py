@@ -28,8 +28,28 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def _natural(labels: Mapping[str, str]) -> tuple:
-    """Sort key that puts chip 2 before chip 10 (stable, readable output)."""
-    return tuple(tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(v)) for v in labels.values())
+    """Identity and sort key of a series: puts chip 2 before chip 10 (stable, readable output)."""
+    return tuple((k, tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(v))) for k, v in labels.items())
+
+
+# A node's series are the same from one collection to the next, so each series' label dict and
+# sort key are computed once (the scrape then costs a dict lookup per point). Bounded: cleared
+# when label churn outgrows it.
+_SERIES_CACHE: dict[tuple, tuple[dict[str, str], tuple]] = {}
+_SERIES_CACHE_MAX = 100_000
+
+
+def _series(resource_key: tuple, attributes: Mapping[str, str]) -> tuple[dict[str, str], tuple]:
+    key = (resource_key, tuple(attributes.items()))
+    hit = _SERIES_CACHE.get(key)
+    if hit is None:
+        labels = {prometheus_label(k): str(v) for k, v in resource_key}
+        for k, v in attributes.items():
+            labels[prometheus_label(k)] = str(v)
+        if len(_SERIES_CACHE) >= _SERIES_CACHE_MAX:
+            _SERIES_CACHE.clear()
+        hit = _SERIES_CACHE[key] = (labels, _natural(labels))
+    return hit
 
 
 def families(points: Iterable[Point], resource: Mapping[str, str]) -> list[Metric]:
@@ -37,27 +57,22 @@ def families(points: Iterable[Point], resource: Mapping[str, str]) -> list[Metri
 
     A later point with the same name and labels replaces an earlier one (a series appears once).
     """
-    cat = catalog()
-    base = {prometheus_label(k): str(v) for k, v in resource.items()}
-    grouped: dict[str, dict[tuple, dict[str, str]]] = {}
-    values: dict[str, dict[tuple, float]] = {}
+    resource_key = tuple((k, str(v)) for k, v in resource.items())
+    grouped: dict[str, dict[tuple, tuple[dict[str, str], float]]] = {}
     for p in points:
-        labels = dict(base)
-        for k, v in p.attributes.items():
-            labels[prometheus_label(k)] = str(v)
-        key = tuple(sorted(labels.items()))
-        grouped.setdefault(p.name, {})[key] = labels
-        values.setdefault(p.name, {})[key] = p.value
+        labels, sort_key = _series(resource_key, p.attributes)
+        grouped.setdefault(p.name, {})[sort_key] = (labels, p.value)
     out = []
-    for m in cat:
-        if m.name not in grouped:
+    for m in catalog():
+        series = grouped.get(m.name)
+        if series is None:
             continue
         prom = m.prom_name
         # prometheus_client appends _total to a counter family's HELP/TYPE names itself.
         family = Metric(prom[:-len("_total")] if m.prom_type == "counter" else prom, m.help, m.prom_type)
-        series = grouped[m.name]
-        for key in sorted(series, key=lambda k: _natural(series[k])):
-            family.add_sample(prom, series[key], values[m.name][key])
+        for sort_key in sorted(series):
+            labels, value = series[sort_key]
+            family.add_sample(prom, labels, value)
         out.append(family)
     return out
 

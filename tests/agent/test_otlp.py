@@ -165,3 +165,40 @@ def test_gzip_body_is_the_encoded_request(receiver):
     OtlpSender(_url(receiver), headers={"Authorization": "Bearer s3cret"}).send(body)
     assert receiver.requests[-1]["points"] == [["hw.power", {**RESOURCE, "service.name": "shopfloor-agent",
                                                             "service.instance.id": "gpu-001", **{k: str(v) for k, v in CHIP.items()}}, 2, 5.0]]
+
+
+def test_encoding_equals_the_library_built_message():
+    """The cached-bytes encoder must produce exactly what opentelemetry-proto's API builds."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
+
+    kinds = _one_of_each_instrument()
+    pts = []
+    for i, name in enumerate(kinds.values()):
+        for c in range(3):
+            pts.append(Point(name, c * 1.5 + i, {a: f"{a}{c}" for a in catalog()[name].attributes},
+                             time_ns=0 if c == 0 else 7_000 + c))
+    got = _decode(encode_request(pts, RESOURCE, 111, 999))
+
+    want = ExportMetricsServiceRequest()
+    rm = want.resource_metrics.add()
+    for k, v in [*RESOURCE.items(), ("service.name", "shopfloor-agent"), ("service.instance.id", "gpu-001")]:
+        rm.resource.attributes.append(KeyValue(key=k, value=AnyValue(string_value=v)))
+    sm = rm.scope_metrics.add()
+    sm.scope.CopyFrom(InstrumentationScope(name="shopfloor.agent", version=got.resource_metrics[0].scope_metrics[0].scope.version))
+    for name in kinds.values():
+        m = catalog()[name]
+        metric = Metric(name=name, unit=m.unit, description=m.help)
+        if m.instrument == "gauge":
+            dps = metric.gauge.data_points
+        else:
+            metric.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+            metric.sum.is_monotonic = m.instrument == "counter"
+            dps = metric.sum.data_points
+        for p in (p for p in pts if p.name == name):
+            dp = NumberDataPoint(time_unix_nano=p.time_ns or 999, as_double=p.value,
+                                 start_time_unix_nano=0 if m.instrument == "gauge" else 111)
+            dp.attributes.extend(KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in p.attributes.items())
+            dps.append(dp)
+        sm.metrics.append(metric)
+    assert got == want
