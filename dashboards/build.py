@@ -1,0 +1,572 @@
+"""Build the Grafana dashboards from code: `.venv/bin/python dashboards/build.py [--check]`.
+
+Why code and not hand-kept JSON: every metric name comes from agent/catalog.yaml (M() below), so
+renaming a metric in the catalog renames it in every panel; panels share one layout routine,
+one set of template variables and one unit table, so the eight dashboards stay consistent. The
+generated JSON is committed under dashboards/json/ (Grafana provisions it from files, and
+`shopfloor dashboards push` uploads it); tests/dashboards checks it equals a fresh build.
+
+Queries use only these Grafana variables: $cluster, $vendor, $node, $chip (multi-value, "All"),
+$datasource, $__rate_interval, $__interval and $__range. tests/dashboards substitutes them and
+runs every query against a collector holding a simulated fleet.
+
+The capacity dashboard answers weeks-to-months questions with long-range PromQL over the raw
+series and a large minimum step (1h), using *_over_time functions; Grafana then asks the
+collector for at most a few thousand points per series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "json"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.catalog import catalog  # noqa: E402
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+TAGS = ["shopfloor"]
+
+
+def M(otel_name: str) -> str:
+    """A metric's Prometheus name, from the catalog (the only way this file names a metric)."""
+    return catalog().prom(otel_name)
+
+
+# ----------------------------------------------------------------------------- selectors
+CHIP_SEL = 'cluster=~"$cluster", vendor=~"$vendor", node=~"$node", chip=~"$chip"'
+NODE_SEL = 'cluster=~"$cluster", node=~"$node"'
+FLEET_SEL = 'cluster=~"$cluster", vendor=~"$vendor"'
+CLUSTER_SEL = 'cluster=~"$cluster"'
+
+
+_OPS = (("!~", "!~"), ("~", "=~"), ("!", "!="))
+
+
+def sel(otel_name: str, selector: str = CHIP_SEL, **matchers: str) -> str:
+    """A selector: the variables' matchers plus label=value (value "~re", "!v" or "!~re" for =~ != !~)."""
+    parts = [selector] if selector else []
+    for label, value in matchers.items():
+        op = "="
+        for prefix, promql_op in _OPS:
+            if value.startswith(prefix):
+                op, value = promql_op, value[len(prefix):]
+                break
+        parts.append(f'{label}{op}"{value}"')
+    return f"{M(otel_name)}{{{', '.join(parts)}}}"
+
+
+# ----------------------------------------------------------------------------- variables
+def _query_var(name: str, label: str, query: str, *, multi: bool = True, include_all: bool = True) -> dict:
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-variable"}, "definition": query,
+        "refresh": 2, "sort": 3 if name == "chip" else 1, "multi": multi, "includeAll": include_all,
+        "allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "options": [], "hide": 0, "skipUrlSync": False, "regex": "",
+    }
+
+
+def variables(*names: str) -> list[dict]:
+    """The data source picker plus the requested label variables, each filtered by the ones before."""
+    info = M("hw.gpu.info")
+    defs = {
+        "cluster": ("Cluster", f"label_values({info}, cluster)"),
+        "vendor": ("Vendor", f'label_values({info}{{cluster=~"$cluster"}}, vendor)'),
+        "node": ("Node", f'label_values({info}{{cluster=~"$cluster", vendor=~"$vendor"}}, node)'),
+        "chip": ("Chip", f'label_values({info}{{cluster=~"$cluster", vendor=~"$vendor", node=~"$node"}}, chip)'),
+        # hosts without accelerators (EFA-only views) are found through the agent's own metric
+        "host": ("Node", f'label_values({M("shopfloor.agent.scrape.success")}{{cluster=~"$cluster"}}, node)'),
+    }
+    out = [{"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+            "current": {"selected": True, "text": "Shopfloor", "value": "shopfloor"},
+            "hide": 0, "refresh": 1, "regex": "", "options": [], "skipUrlSync": False}]
+    for n in names:
+        label, query = defs[n]
+        var = _query_var("node" if n == "host" else n, label, query)
+        out.append(var)
+    return out
+
+
+# ----------------------------------------------------------------------------- panels
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict:
+    t = {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend or "__auto",
+         "range": not instant, "instant": instant, "editorMode": "code"}
+    return t
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dict:
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+
+
+GREEN_ONLY = thresholds((None, "green"))
+ANY_IS_BAD = thresholds((None, "green"), (1, "red"))
+TEMP_C = thresholds((None, "green"), (80, "orange"), (90, "red"))
+UTIL = thresholds((None, "blue"), (0.3, "green"))
+FRACTION_OF_LIMIT = thresholds((None, "green"), (0.9, "orange"), (0.97, "red"))
+
+
+def panel(kind: str, title: str, targets: list[dict], *, unit: str = "short", w: int = 12, h: int = 8,
+          description: str = "", th: dict = GREEN_ONLY, minv: float | None = None, maxv: float | None = None,
+          decimals: int | None = None, stack: bool = False, options: dict | None = None) -> dict:
+    defaults: dict = {"unit": unit, "thresholds": th, "color": {"mode": "palette-classic"}}
+    if kind in ("stat", "gauge", "bargauge"):
+        defaults["color"] = {"mode": "thresholds"}
+    if minv is not None:
+        defaults["min"] = minv
+    if maxv is not None:
+        defaults["max"] = maxv
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    if kind == "timeseries":
+        defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10 if stack else 0,
+                              "showPoints": "never", "spanNulls": False,
+                              "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+                              "thresholdsStyle": {"mode": "off" if th is GREEN_ONLY else "line"}}
+    opts = {"timeseries": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+                           "tooltip": {"mode": "multi", "sort": "desc"}},
+            "stat": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                     "colorMode": "background", "graphMode": "area", "textMode": "auto", "justifyMode": "auto",
+                     "orientation": "auto"},
+            "gauge": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                      "showThresholdLabels": False, "showThresholdMarkers": True},
+            "bargauge": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                         "displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
+            "table": {"showHeader": True, "footer": {"show": False}},
+            "piechart": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                         "pieType": "donut", "legend": {"displayMode": "table", "placement": "right"}},
+            }.get(kind, {})
+    opts.update(options or {})
+    return {"type": kind, "title": title, "description": description, "datasource": DS, "targets": targets,
+            "fieldConfig": {"defaults": defaults, "overrides": []}, "options": opts,
+            "gridPos": {"h": h, "w": w, "x": 0, "y": 0}}
+
+
+def ts(title, *targets, **kw):
+    return panel("timeseries", title, list(targets), **kw)
+
+
+def stat(title, expr, *, w=4, h=4, **kw):
+    return panel("stat", title, [target(expr, instant=True)], w=w, h=h, **kw)
+
+
+def row(title: str) -> dict:
+    return {"type": "row", "title": title, "collapsed": False, "panels": [],
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": 0}}
+
+
+def layout(items: list[dict]) -> list[dict]:
+    """Place panels left to right, wrapping at Grafana's 24 columns; rows start a new line."""
+    x = y = line_h = 0
+    pid = 1
+    out = []
+    for item in items:
+        item = json.loads(json.dumps(item))  # panels are built once; copy before placing
+        g = item["gridPos"]
+        if item["type"] == "row" or x + g["w"] > 24:
+            y += line_h
+            x = line_h = 0
+        g["x"], g["y"] = x, y
+        item["id"] = pid
+        pid += 1
+        if item["type"] == "row":
+            y += 1
+        else:
+            x += g["w"]
+            line_h = max(line_h, g["h"])
+        out.append(item)
+    return out
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[dict], vars_: list[dict],
+              *, time_from: str = "now-6h", refresh: str = "1m", links: bool = True) -> dict:
+    return {
+        "uid": uid, "title": title, "description": description, "tags": TAGS, "timezone": "utc",
+        "editable": True, "graphTooltip": 1, "schemaVersion": 39, "version": 1, "refresh": refresh,
+        "time": {"from": time_from, "to": "now"}, "fiscalYearStartMonth": 0, "liveNow": False,
+        "weekStart": "",
+        "templating": {"list": vars_},
+        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
+        "links": [{"title": "Shopfloor", "type": "dashboards", "tags": TAGS, "asDropdown": True,
+                   "includeVars": True, "keepTime": True}] if links else [],
+        "panels": layout(panels),
+    }
+
+
+RATE = "$__rate_interval"
+
+
+# ----------------------------------------------------------------------------- the dashboards
+def fleet_overview() -> dict:
+    state = M("shopfloor.health.state")
+    p = [
+        row("Now"),
+        stat("Chips reporting", f"count(group by (cluster, node, chip) ({sel('hw.gpu.info', FLEET_SEL)}))",
+             description="Accelerators whose agent reported in the last 5 minutes."),
+        stat("Chips failing or degraded",
+             f'sum({state}{{{FLEET_SEL}, state=~"failing|degraded"}}) or vector(0)',
+             th=ANY_IS_BAD, description="Health layer verdicts (shopfloor health)."),
+        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', FLEET_SEL)}) or vector(0)",
+             th=thresholds((None, "green"), (1, "orange"))),
+        stat("Fleet utilization", f"avg({sel('hw.gpu.utilization', FLEET_SEL)})", unit="percentunit",
+             th=UTIL, minv=0, maxv=1),
+        stat("Accelerator power", f"sum({sel('hw.power', FLEET_SEL)})", unit="watt", decimals=1),
+        stat("Fatal errors (24h)",
+             f'(sum(increase({sel("hw.gpu.xid.errors", FLEET_SEL, xid="~48|79|94|95|119|120|140")}[24h])) or vector(0))'
+             f' + (sum(increase({sel("hw.gpu.ecc.errors", FLEET_SEL, type="uncorrected")}[24h])) or vector(0))',
+             th=ANY_IS_BAD, decimals=0,
+             description="Fatal XIDs (48, 79, 94, 95, 119, 120, 140) plus uncorrectable ECC errors, last 24 h."),
+        row("By cluster and vendor"),
+        ts("Utilization by cluster and vendor",
+           target(f"avg by (cluster, vendor) ({sel('hw.gpu.utilization', FLEET_SEL)})", "{{cluster}} {{vendor}}"),
+           unit="percentunit", minv=0, maxv=1),
+        ts("Power by cluster and vendor",
+           target(f"sum by (cluster, vendor) ({sel('hw.power', FLEET_SEL)})", "{{cluster}} {{vendor}}"),
+           unit="watt", stack=True),
+        ts("Chips by health state",
+           target(f"sum by (state) ({state}{{{FLEET_SEL}}})", "{{state}}"), stack=True, decimals=0),
+        ts("Chips reporting by cluster and model",
+           target(f"count by (cluster, model) ({sel('hw.gpu.info', FLEET_SEL)})", "{{cluster}} {{model}}"),
+           decimals=0),
+        row("Errors"),
+        ts("XID errors by code",
+           target(f"sum by (xid) (increase({sel('hw.gpu.xid.errors', FLEET_SEL)}[{RATE}]))", "XID {{xid}}"),
+           decimals=0, description="NVIDIA XID events per interval, all clusters selected."),
+        ts("ECC errors by type and memory",
+           target(f'sum by (vendor, memory, type) (increase({sel("hw.gpu.ecc.errors", FLEET_SEL, scope="!aggregate")}[{RATE}]))',
+                  "{{vendor}} {{memory}} {{type}}"), decimals=0),
+        ts("Chips with a pending or failed row remap",
+           target(f"sum by (cluster) ({sel('hw.gpu.row_remap.pending', FLEET_SEL)})", "{{cluster}} pending"),
+           target(f"sum by (cluster) ({sel('hw.gpu.row_remap.failure', FLEET_SEL)})", "{{cluster}} failed", "B"),
+           decimals=0, th=ANY_IS_BAD),
+        ts("Trainium execution errors by type",
+           target(f"sum by (type) (rate({sel('hw.neuron.execution.errors', FLEET_SEL)}[{RATE}]))", "{{type}}"),
+           unit="cps"),
+        row("Telemetry pipeline"),
+        ts("Agent sources failing",
+           target(f"count by (source) ({sel('shopfloor.agent.scrape.success', CLUSTER_SEL)} == 0) or "
+                  f"count by (source) ({sel('shopfloor.agent.scrape.success', CLUSTER_SEL)}) * 0", "{{source}}"),
+           decimals=0, th=ANY_IS_BAD),
+        ts("Agent spool (bytes waiting)",
+           target(f"sum by (cluster) ({sel('shopfloor.agent.spool.usage', CLUSTER_SEL)})", "{{cluster}}"),
+           unit="bytes"),
+    ]
+    return dashboard("shopfloor-fleet", "Shopfloor / Fleet overview",
+                     "Chips by state, utilization, power and errors across the fleet, by cluster and vendor.",
+                     p, variables("cluster", "vendor"))
+
+
+def node_detail() -> dict:
+    p = [
+        row("Accelerators"),
+        ts("Utilization", target(f"{sel('hw.gpu.utilization')}", "{{node}} chip {{chip}}"),
+           unit="percentunit", minv=0, maxv=1),
+        ts("Device memory used",
+           target(f"{sel('hw.gpu.memory.usage')} / {sel('hw.gpu.memory.limit')}", "{{node}} chip {{chip}}"),
+           unit="percentunit", minv=0, maxv=1, th=FRACTION_OF_LIMIT),
+        ts("Power", target(f"{sel('hw.power')}", "{{node}} chip {{chip}}"), unit="watt"),
+        ts("Temperature", target(f"{sel('hw.temperature')}", "{{node}} chip {{chip}} {{sensor}}"),
+           unit="celsius", th=TEMP_C),
+        ts("SM clock", target(f"{sel('hw.gpu.clock', clock='sm')}", "{{node}} chip {{chip}}"),
+           unit="hertz"),
+        ts("Throttle reasons active",
+           target(f'{sel("hw.gpu.clock.event.active", reason="!idle")} == 1',
+                  "{{node}} chip {{chip}} {{reason}}"), decimals=0),
+        ts("XID errors", target(f"increase({sel('hw.gpu.xid.errors')}[{RATE}])", "{{node}} chip {{chip}} XID {{xid}}"),
+           decimals=0, th=ANY_IS_BAD),
+        ts("ECC errors (volatile)",
+           target(f'increase({sel("hw.gpu.ecc.errors", scope="volatile")}[{RATE}])',
+                  "{{node}} chip {{chip}} {{memory}} {{type}}"), decimals=0),
+        row("Host"),
+        ts("Host power", target(f"{sel('hw.host.power', NODE_SEL)}", "{{node}} {{sensor}}"), unit="watt"),
+        ts("Host temperatures", target(f"{sel('hw.host.temperature', NODE_SEL)}", "{{node}} {{sensor}}"),
+           unit="celsius", th=TEMP_C),
+        ts("Fans", target(f"{sel('hw.fan.speed', NODE_SEL)}", "{{node}} {{sensor}}"), unit="rotrpm"),
+        ts("EFA throughput",
+           target(f'sum by (node, device) (rate({sel("hw.efa.port.counter", NODE_SEL, counter="~tx_bytes|rx_bytes")}[{RATE}]))',
+                  "{{node}} {{device}}"), unit="Bps"),
+        row("Agent"),
+        ts("Source collection success", target(f"{sel('shopfloor.agent.scrape.success', NODE_SEL)}", "{{node}} {{source}}"),
+           minv=0, maxv=1, decimals=0),
+        ts("Source collection time", target(f"{sel('shopfloor.agent.scrape.duration', NODE_SEL)}", "{{node}} {{source}}"),
+           unit="s"),
+        ts("Export requests by outcome",
+           target(f"sum by (node, outcome) (rate({sel('shopfloor.agent.export.requests', NODE_SEL)}[{RATE}]))",
+                  "{{node}} {{outcome}}"), unit="reqps"),
+        ts("Spool", target(f"{sel('shopfloor.agent.spool.usage', NODE_SEL)}", "{{node}} bytes"),
+           target(f"{sel('shopfloor.agent.spool.batches', NODE_SEL)}", "{{node}} batches", "B"), unit="bytes"),
+    ]
+    return dashboard("shopfloor-node", "Shopfloor / Node detail",
+                     "Everything one node reports: its accelerators, host power and thermals, network and agent.",
+                     p, variables("cluster", "vendor", "node", "chip"))
+
+
+def chip_detail() -> dict:
+    p = [
+        row("Identity and health"),
+        panel("table", "Chip", [target(f"{sel('hw.gpu.info')}", instant=True)], w=16, h=5,
+              options={"showHeader": True}),
+        stat("Health risk", f"max({sel('shopfloor.health.risk')})", unit="percentunit", w=4, h=5,
+             th=thresholds((None, "green"), (0.2, "orange"), (0.5, "red"))),
+        stat("Recovery action", f"max({sel('hw.gpu.recovery_action')})", w=4, h=5, th=ANY_IS_BAD,
+             description="0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset (NVML field 230)."),
+        row("Memory reliability"),
+        ts("ECC errors (cumulative)",
+           target(f"{sel('hw.gpu.ecc.errors')}", "chip {{chip}} {{memory}} {{type}} {{scope}}"), decimals=0),
+        ts("Correctable ECC rate",
+           target(f'rate({sel("hw.gpu.ecc.errors", type="corrected", scope="!aggregate")}[{RATE}])',
+                  "chip {{chip}} {{memory}}"), unit="cps",
+           description="A rate 10-100x the chip's baseline precedes most uncorrectable HBM errors."),
+        ts("Rows remapped", target(f"{sel('hw.gpu.row_remap.rows')}", "chip {{chip}} {{type}}"), decimals=0),
+        ts("Row remap pending / failed",
+           target(f"{sel('hw.gpu.row_remap.pending')}", "chip {{chip}} pending"),
+           target(f"{sel('hw.gpu.row_remap.failure')}", "chip {{chip}} failed", "B"), decimals=0, th=ANY_IS_BAD),
+        ts("Retired pages", target(f"{sel('hw.gpu.retired_pages')}", "chip {{chip}} {{cause}}"),
+           target(f"{sel('hw.gpu.retired_pages.pending')}", "chip {{chip}} pending", "B"), decimals=0),
+        ts("XID errors", target(f"{sel('hw.gpu.xid.errors')}", "chip {{chip}} XID {{xid}}"), decimals=0),
+        row("Interconnect"),
+        ts("PCIe replays", target(f"rate({sel('hw.gpu.pcie.replays')}[{RATE}])", "chip {{chip}}"), unit="cps"),
+        ts("NVLink errors", target(f"sum by (chip, type) (rate({sel('hw.gpu.nvlink.errors')}[{RATE}]))",
+                                   "chip {{chip}} {{type}}"), unit="cps"),
+        ts("NVLinks up", target(f"sum by (chip) ({sel('hw.gpu.nvlink.up')})", "chip {{chip}}"), decimals=0),
+        ts("PCIe and NVLink throughput",
+           target(f"{sel('hw.gpu.pcie.throughput')}", "chip {{chip}} PCIe {{direction}}"),
+           target(f"{sel('hw.gpu.nvlink.throughput')}", "chip {{chip}} NVLink", "B"), unit="Bps"),
+        row("Thermal and power"),
+        ts("Temperature vs slowdown threshold",
+           target(f"{sel('hw.temperature')}", "chip {{chip}} {{sensor}}"),
+           target(f'{sel("hw.temperature.limit", threshold="slowdown")}', "chip {{chip}} slowdown", "B"),
+           unit="celsius", th=TEMP_C),
+        ts("Power vs limit", target(f"{sel('hw.power')}", "chip {{chip}} power"),
+           target(f"{sel('hw.power.limit')}", "chip {{chip}} limit", "B"), unit="watt"),
+        ts("Clock events", target(f'{sel("hw.gpu.clock.event.active", reason="!idle")}',
+                                  "chip {{chip}} {{reason}}"), decimals=0),
+        ts("Engine activity (DCGM)", target(f"{sel('hw.gpu.engine.active')}", "chip {{chip}} {{engine}}"),
+           unit="percentunit", minv=0, maxv=1),
+    ]
+    return dashboard("shopfloor-chip", "Shopfloor / Chip detail",
+                     "All reliability counters of one accelerator over time.",
+                     p, variables("cluster", "vendor", "node", "chip"), time_from="now-7d", refresh="5m")
+
+
+def power_thermals() -> dict:
+    power, limit = sel("hw.power", FLEET_SEL), sel("hw.power.limit", FLEET_SEL)
+    p = [
+        row("Racks"),
+        stat("Fleet power headroom", f"1 - sum({power}) / sum({limit})", unit="percentunit",
+             th=thresholds((None, "red"), (0.03, "orange"), (0.1, "green")), w=6),
+        stat("Hottest GPU", f'max({sel("hw.temperature", FLEET_SEL, sensor="gpu")})', unit="celsius",
+             th=TEMP_C, w=6),
+        stat("Chips thermally throttled",
+             f'count(max by (cluster, node, chip) ({sel("hw.gpu.clock.event.active", FLEET_SEL, reason="~sw_thermal|hw_thermal|hw_slowdown")}) == 1) or vector(0)',
+             th=ANY_IS_BAD, w=6),
+        stat("Host power (DCMI)", f'sum({sel("hw.host.power", CLUSTER_SEL, sensor="dcmi_instantaneous")})',
+             unit="watt", w=6),
+        ts("Accelerator power by rack", target(f"sum by (cluster, rack) ({power})", "{{cluster}}/{{rack}}"),
+           unit="watt"),
+        ts("Power headroom by rack (limit - draw)",
+           target(f"sum by (cluster, rack) ({limit}) - sum by (cluster, rack) ({power})", "{{cluster}}/{{rack}}"),
+           unit="watt", th=thresholds((None, "red"), (500, "green"))),
+        ts("Rack power as a fraction of limits",
+           target(f"sum by (cluster, rack) ({power}) / sum by (cluster, rack) ({limit})", "{{cluster}}/{{rack}}"),
+           unit="percentunit", th=FRACTION_OF_LIMIT),
+        ts("Host power by rack (DCMI)",
+           target(f'sum by (cluster, rack) ({sel("hw.host.power", CLUSTER_SEL, sensor="dcmi_instantaneous")})',
+                  "{{cluster}}/{{rack}}"), unit="watt"),
+        row("Thermals"),
+        ts("Hottest GPU per rack", target(f'max by (cluster, rack) ({sel("hw.temperature", FLEET_SEL, sensor="gpu")})',
+                                          "{{cluster}}/{{rack}}"), unit="celsius", th=TEMP_C),
+        ts("Smallest thermal margin per rack (slowdown - temperature)",
+           target(f'min by (cluster, rack) ({sel("hw.temperature.limit", FLEET_SEL, sensor="gpu", threshold="slowdown")}'
+                  f' - ignoring (threshold) {sel("hw.temperature", FLEET_SEL, sensor="gpu")})', "{{cluster}}/{{rack}}"),
+           unit="celsius", th=thresholds((None, "red"), (5, "orange"), (15, "green"))),
+        ts("Host sensors over their max",
+           target(f'max by (cluster, rack) ({sel("hw.host.temperature", CLUSTER_SEL)} - ignoring (threshold) '
+                  f'{sel("hw.host.temperature.limit", CLUSTER_SEL, threshold="max")})', "{{cluster}}/{{rack}}"),
+           unit="celsius", th=thresholds((None, "green"), (0, "red")),
+           description="Highest host sensor reading minus its hwmon max, per rack: above 0 is over the limit."),
+        ts("Fan speed (min per rack)", target(f"min by (cluster, rack) ({sel('hw.fan.speed', CLUSTER_SEL)})",
+                                              "{{cluster}}/{{rack}}"), unit="rotrpm"),
+        ts("Energy per rack", target(f"sum by (cluster, rack) (rate({sel('hw.energy', FLEET_SEL)}[{RATE}]))",
+                                     "{{cluster}}/{{rack}}"), unit="watt",
+           description="Accelerator energy counters as average power over the interval."),
+        ts("Power throttling", target(f'count by (cluster, reason) ({sel("hw.gpu.clock.event.active", FLEET_SEL, reason="~sw_power_cap|hw_power_brake")} == 1)',
+                                      "{{cluster}} {{reason}}"), decimals=0),
+    ]
+    return dashboard("shopfloor-power", "Shopfloor / Power and thermals",
+                     "Power per rack with headroom against limits, temperatures against their thresholds.",
+                     p, variables("cluster", "vendor"))
+
+
+def efa_network() -> dict:
+    def c(counter_re: str) -> str:
+        return sel("hw.efa.port.counter", NODE_SEL, counter="~" + counter_re)
+    p = [
+        row("Ports"),
+        stat("Ports down", f"count({sel('hw.network.up', NODE_SEL)} == 0) or vector(0)", th=ANY_IS_BAD, w=6),
+        stat("Ports up", f"count({sel('hw.network.up', NODE_SEL)} == 1) or vector(0)", w=6),
+        stat("Fabric throughput", f"sum(rate({c('tx_bytes|rx_bytes')}[{RATE}]))", unit="Bps", w=6),
+        stat("Unresponsive remotes (1h)", f"sum(increase({c('unresponsive_remote_events')}[1h])) or vector(0)",
+             th=ANY_IS_BAD, w=6, decimals=0),
+        ts("Throughput by node", target(f"sum by (node, counter) (rate({c('tx_bytes|rx_bytes')}[{RATE}]))",
+                                        "{{node}} {{counter}}"), unit="Bps"),
+        ts("Link utilization",
+           target(f'sum by (node, device, port) (rate({c("tx_bytes")}[{RATE}])) / '
+                  f'max by (node, device, port) ({sel("hw.network.bandwidth.limit", NODE_SEL)})', "{{node}} {{device}}"),
+           unit="percentunit", th=FRACTION_OF_LIMIT),
+        ts("Receive drops", target(f"sum by (node, device) (rate({c('rx_drops')}[{RATE}]))", "{{node}} {{device}}"),
+           unit="pps"),
+        ts("Retransmitted packets", target(f"sum by (node, device) (rate({c('retrans_pkts')}[{RATE}]))",
+                                           "{{node}} {{device}}"), unit="pps"),
+        ts("Retransmit timeouts and impaired connections",
+           target(f"sum by (node, counter) (increase({c('retrans_timeout_events|impaired_remote_conn_events')}[{RATE}]))",
+                  "{{node}} {{counter}}"), decimals=0),
+        ts("Unresponsive remote events", target(f"sum by (node, device) (increase({c('unresponsive_remote_events')}[{RATE}]))",
+                                                "{{node}} {{device}}"), decimals=0, th=ANY_IS_BAD),
+        ts("Port state", target(f"{sel('hw.network.up', NODE_SEL)}", "{{node}} {{device}}/{{port}}"), minv=0, maxv=1,
+           decimals=0),
+        ts("Device command errors", target(f'sum by (node, device) (increase({sel("hw.efa.device.counter", NODE_SEL, counter="cmds_err")}[{RATE}]))',
+                                           "{{node}} {{device}}"), decimals=0),
+    ]
+    return dashboard("shopfloor-efa", "Shopfloor / EFA network",
+                     "EFA and InfiniBand ports: throughput, drops, retransmits and unresponsive remote peers.",
+                     p, variables("cluster", "host"))
+
+
+def trainium() -> dict:
+    trn = 'cluster=~"$cluster", vendor="aws", node=~"$node", chip=~"$chip"'
+    p = [
+        row("Now"),
+        stat("NeuronCore utilization", f"avg({sel('hw.neuroncore.utilization', trn)})", unit="percentunit",
+             th=UTIL, w=6),
+        stat("Execution errors (1h)", f"sum(increase({sel('hw.neuron.execution.errors', trn)}[1h])) or vector(0)",
+             th=ANY_IS_BAD, w=6, decimals=0),
+        stat("p99 latency", f'max({sel("hw.neuron.execution.latency", trn, percentile="p99")})', unit="s", w=6),
+        stat("Trainium chips", f"count({sel('hw.gpu.info', trn)})", w=6),
+        ts("NeuronCore utilization", target(f"avg by (node, chip) ({sel('hw.neuroncore.utilization', trn)})",
+                                            "{{node}} chip {{chip}}"), unit="percentunit", minv=0, maxv=1),
+        ts("Device memory used", target(f"{sel('hw.gpu.memory.usage', trn)}", "{{node}} chip {{chip}}"), unit="bytes"),
+        ts("Execution errors by type", target(f"sum by (type) (rate({sel('hw.neuron.execution.errors', trn)}[{RATE}]))",
+                                              "{{type}}"), unit="cps"),
+        ts("Executions by outcome", target(f"sum by (status) (rate({sel('hw.neuron.executions', trn)}[{RATE}]))",
+                                           "{{status}}"), unit="ops", stack=True),
+        ts("Execution latency", target(f'max by (percentile) ({sel("hw.neuron.execution.latency", trn, percentile="~p50|p99|p100")})',
+                                       "{{percentile}}"), unit="s"),
+        ts("HBM and SRAM ECC", target(f"sum by (memory, type) (increase({sel('hw.gpu.ecc.errors', trn)}[{RATE}]))",
+                                      "{{memory}} {{type}}"), decimals=0),
+    ]
+    return dashboard("shopfloor-trainium", "Shopfloor / Trainium",
+                     "AWS Trainium: NeuronCore utilization, execution errors and outcomes, latency, memory ECC.",
+                     p, variables("cluster", "node", "chip"))
+
+
+def capacity() -> dict:
+    day = "1d"
+    p = [
+        row("Weeks to months (long-range queries, step >= 1h)"),
+        ts("Daily mean utilization by cluster",
+           target(f"avg by (cluster) (avg_over_time({sel('hw.gpu.utilization', FLEET_SEL)}[{day}]))", "{{cluster}}"),
+           unit="percentunit", minv=0, maxv=1),
+        ts("Daily peak accelerator power by cluster",
+           target(f"max_over_time(sum by (cluster) ({sel('hw.power', FLEET_SEL)})[{day}:1h])", "{{cluster}}"),
+           unit="watt"),
+        ts("Energy per day by cluster",
+           target(f"sum by (cluster) (increase({sel('hw.energy', FLEET_SEL)}[{day}]))", "{{cluster}}"), unit="joule"),
+        ts("Chips reporting by cluster and vendor",
+           target(f"count by (cluster, vendor) (max_over_time({sel('hw.gpu.info', FLEET_SEL)}[{day}]))",
+                  "{{cluster}} {{vendor}}"), decimals=0),
+        ts("Device memory in use (daily mean, fleet)",
+           target(f"sum by (cluster) (avg_over_time({sel('hw.gpu.memory.usage', FLEET_SEL)}[{day}]))"
+                  f" / sum by (cluster) (avg_over_time({sel('hw.gpu.memory.limit', FLEET_SEL)}[{day}]))", "{{cluster}}"),
+           unit="percentunit", minv=0, maxv=1),
+        ts("Chip-days lost to cordons",
+           target(f"sum by (cluster) (sum_over_time({sel('shopfloor.remediation.cordoned', FLEET_SEL)}[{day}:1h])) / 24",
+                  "{{cluster}}"), decimals=1,
+           description="Chips held cordoned, integrated over each day (hourly samples)."),
+    ]
+    d = dashboard("shopfloor-capacity", "Shopfloor / Capacity trends",
+                  "Utilization, power, energy and lost capacity over weeks to months, for capacity planning.",
+                  p, variables("cluster", "vendor"), time_from="now-30d", refresh="1h")
+    for panel_ in d["panels"]:
+        if panel_["type"] != "row":
+            panel_["interval"] = "1h"     # Grafana's minimum step: long ranges stay cheap
+    return d
+
+
+def health() -> dict:
+    risk = M("shopfloor.health.risk")
+    p = [
+        row("Now"),
+        stat("Chips failing", f'sum({M("shopfloor.health.state")}{{{FLEET_SEL}, state="failing"}}) or vector(0)',
+             th=ANY_IS_BAD, w=6),
+        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', FLEET_SEL)}) or vector(0)",
+             th=thresholds((None, "green"), (1, "orange")), w=6),
+        stat("Cordon budgets tripped", f"sum({M('shopfloor.remediation.budget.tripped')}) or vector(0)",
+             th=ANY_IS_BAD, w=6),
+        stat("Decisions (24h)", f"sum(increase({M('shopfloor.remediation.decisions')}[24h])) or vector(0)",
+             w=6, decimals=0),
+        panel("table", "Highest risk chips",
+              [target(f"topk(20, {risk}{{{CHIP_SEL}}})", instant=True)], unit="percentunit", w=12, h=10,
+              th=thresholds((None, "green"), (0.2, "orange"), (0.5, "red"))),
+        ts("Risk score, top 10 chips", target(f"topk(10, {risk}{{{CHIP_SEL}}})", "{{node}} chip {{chip}}"),
+           unit="percentunit", minv=0, maxv=1, h=10, th=thresholds((None, "green"), (0.5, "red"))),
+        ts("Chips by health state", target(f"sum by (state) ({M('shopfloor.health.state')}{{{FLEET_SEL}}})", "{{state}}"),
+           stack=True, decimals=0),
+        ts("Cordoned chips by backend",
+           target(f"sum by (cluster, backend) ({sel('shopfloor.remediation.cordoned', FLEET_SEL)})",
+                  "{{cluster}} {{backend}}"), decimals=0),
+        ts("Remediation decisions",
+           target(f"sum by (action, outcome) (increase({M('shopfloor.remediation.decisions')}[{RATE}]))",
+                  "{{action}} {{outcome}}"), decimals=0),
+        ts("Cordon budgets", target(f"{M('shopfloor.remediation.budget.tripped')}", "{{scope}}"), minv=0, maxv=1,
+           decimals=0, th=ANY_IS_BAD),
+    ]
+    return dashboard("shopfloor-health", "Shopfloor / Health and remediation",
+                     "Risk scores, health states, cordoned chips and recent remediation decisions.",
+                     p, variables("cluster", "vendor", "node", "chip"))
+
+
+DASHBOARDS = {
+    "fleet-overview": fleet_overview, "node-detail": node_detail, "chip-detail": chip_detail,
+    "power-thermals": power_thermals, "efa-network": efa_network, "trainium": trainium,
+    "capacity-trends": capacity, "health": health,
+}
+
+
+def build() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {f"{name}.json": json.dumps(fn(), indent=2, sort_keys=True) + "\n" for name, fn in DASHBOARDS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when dashboards/json is stale")
+    args = ap.parse_args(argv)
+    built = build()
+    if args.check:
+        stale = [n for n, text in built.items()
+                 if not (OUT / n).exists() or (OUT / n).read_text(encoding="utf-8") != text]
+        extra = sorted(p.name for p in OUT.glob("*.json") if p.name not in built)
+        for n in stale + extra:
+            print(f"stale: dashboards/json/{n} (run dashboards/build.py)", file=sys.stderr)
+        return 1 if stale or extra else 0
+    OUT.mkdir(exist_ok=True)
+    for p in OUT.glob("*.json"):
+        if p.name not in built:
+            p.unlink()
+    for n, text in built.items():
+        (OUT / n).write_text(text, encoding="utf-8")
+        print(f"wrote dashboards/json/{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
