@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .values import NAME, PromQLError, Scalar, String, Vector, label_key
-from .windows import _kahan_sum, _quantiles
+from .windows import _kahan_sum, _quantiles, _welford
 from .xxhash import xxh64
 
 
@@ -82,9 +82,7 @@ def aggregate(ev, node, times):
                 allnan = ~(P & ~np.isnan(V)).any(axis=0)
                 val = np.where(allnan, np.nan, val)
             elif op in ("stddev", "stdvar"):
-                mean = _kahan_sum(V.T, P.T) / n
-                d = np.where(P, V - mean, 0.0)
-                var = (d * d).sum(axis=0) / n
+                var = _welford(V.T, P.T)[1]
                 val = np.sqrt(var) if op == "stddev" else var
             elif op == "quantile":
                 val = _quantiles(V.T, P.T, n, param.values)

@@ -285,9 +285,10 @@ class Evaluation:
         for group in groups:
             for m in group:
                 if m.op in ("=~", "!~"):
+                    # DuckDB evaluates the matcher with RE2, Prometheus' regex engine: ask it.
                     try:
-                        re.compile(m.value)
-                    except re.error as exc:
+                        self.cur.execute("SELECT regexp_full_match('', ?)", [m.value]).fetchone()
+                    except Exception as exc:  # noqa: BLE001 - duckdb raises its own error classes
                         raise PromQLError(f"invalid regular expression {m.value!r}: {exc}", "bad_data") from None
             for sid, metric, labels in self.store.select_series(group, self.cur):
                 found[sid] = {NAME: metric, **labels}
@@ -442,14 +443,14 @@ class Evaluation:
             rsig[k] = rsig[k] | p if k in rsig else p.copy()
         none = np.zeros(T, dtype=bool)
         if op in ("and", "unless"):
-            mask = np.array([rsig.get(sig(lb), none) for lb in lhs.labels]).reshape(len(lhs), T)
+            mask = np.array([rsig.get(sig(lb), none) for lb in lhs.labels], dtype=bool).reshape(len(lhs), T)
             keep = lhs.present & (mask if op == "and" else ~mask)
             return Vector(lhs.labels, lhs.values, keep, lhs.sample_ts).drop_empty()
         lsig: dict[tuple, np.ndarray] = {}
         for lb, p in zip(lhs.labels, lhs.present):
             k = sig(lb)
             lsig[k] = lsig[k] | p if k in lsig else p.copy()
-        rmask = np.array([lsig.get(sig(lb), none) for lb in rhs.labels]).reshape(len(rhs), T)
+        rmask = np.array([lsig.get(sig(lb), none) for lb in rhs.labels], dtype=bool).reshape(len(rhs), T)
         out = Vector(lhs.labels + rhs.labels, np.concatenate([lhs.values, rhs.values]),
                      np.concatenate([lhs.present, rhs.present & ~rmask]))
         return merge_same_labels(out.drop_empty())

@@ -119,8 +119,6 @@ def _absent_labels(node) -> dict[str, str]:
         node = node.expr
     if isinstance(node, pp.MatrixSelector):
         node = node.vector_selector
-    if isinstance(node, pp.SubqueryExpr):
-        return _absent_labels(node.expr)
     if not isinstance(node, pp.VectorSelector):
         return {}
     out: dict[str, str] = {}
@@ -161,6 +159,8 @@ def call(ev, node, times):
         else:
             rng_node = args[0]
             params = [_scalar_arg(ev, a, times) for a in args[1:1 + nparams]]
+            if name == "predict_linear":
+                params.append(times.astype(float))
         rv = ev.eval(rng_node, times)
         if not isinstance(rv, RangeVector):
             raise PromQLError(f"expected range vector argument to {name}")
@@ -195,6 +195,17 @@ def call(ev, node, times):
 
     if name == "time":
         return Scalar(times / 1000.0)
+    if name == "step":
+        return Scalar(np.full(T, ev.step_ms / 1000.0))
+    if name == "start":
+        return Scalar(np.full(T, ev.start_ms / 1000.0))
+    if name == "end":
+        return Scalar(np.full(T, ev.end_ms / 1000.0))
+    if name == "range":
+        return Scalar(np.full(T, (ev.end_ms - ev.start_ms) / 1000.0))
+    if name in ("min_of", "max_of"):
+        a, b = _scalar_arg(ev, args[0], times), _scalar_arg(ev, args[1], times)
+        return Scalar(np.minimum(a, b) if name == "min_of" else np.maximum(a, b))
     if name == "pi":
         return Scalar(np.full(T, np.pi))
 
@@ -320,6 +331,23 @@ def call(ev, node, times):
         from .histograms import histogram_quantile
         q = _scalar_arg(ev, args[0], times)
         return histogram_quantile(ev, q, ev.eval(args[1], times))
+
+    if name == "histogram_quantiles":
+        from .histograms import histogram_quantile
+        vec = ev.eval(args[0], times)
+        label = ev.eval(args[1], times).value
+        parts = []
+        for a in args[2:]:
+            q = _scalar_arg(ev, a, times)
+            res = histogram_quantile(ev, q, vec)
+            qs = repr(float(q[0]))
+            parts.append(Vector([{**lb, label: qs} for lb in res.labels], res.values, res.present))
+        from .engine import merge_same_labels
+        if not parts:
+            return Vector.empty(T)
+        return merge_same_labels(Vector([lb for v in parts for lb in v.labels],
+                                        np.concatenate([v.values for v in parts]),
+                                        np.concatenate([v.present for v in parts])))
 
     if name == "histogram_fraction":
         from .histograms import histogram_fraction

@@ -128,10 +128,40 @@ def present_over_time(X, TS, M, c, p, e):
     return np.ones(len(c))
 
 
+def _welford(X, M):
+    """Mean and variance along axis 1 the way Prometheus accumulates them (Welford's update,
+    Kahan-compensated), so constant inputs give exactly 0 and large offsets stay accurate."""
+    rows = X.shape[0]
+    count = np.zeros(rows)
+    mean = np.zeros(rows)
+    c_mean = np.zeros(rows)
+    aux = np.zeros(rows)
+    c_aux = np.zeros(rows)
+    for k in range(X.shape[1]):
+        m = M[:, k]
+        if not m.any():
+            continue
+        x = np.where(m, X[:, k], 0.0)
+        cnt = count + m
+        delta = x - (mean + c_mean)
+        step = np.where(m, delta / np.maximum(cnt, 1), 0.0)
+        mean, c_mean = _kahan_inc(step, mean, c_mean)
+        inc = np.where(m, delta * (x - (mean + c_mean)), 0.0)
+        aux, c_aux = _kahan_inc(inc, aux, c_aux)
+        count = cnt
+    return mean + c_mean, (aux + c_aux) / count
+
+
+def _kahan_inc(inc, total, comp):
+    t = total + inc
+    big = np.abs(total) >= np.abs(inc)
+    comp = comp + np.where(big, (total - t) + inc, (inc - t) + total)
+    bad = np.isinf(t)
+    return t, np.where(bad, 0.0, comp)
+
+
 def stdvar_over_time(X, TS, M, c, p, e):
-    mean = _kahan_sum(X, M) / c
-    d = np.where(M, X - mean[:, None], 0.0)
-    return _kahan_sum(d * d, M) / c
+    return _welford(X, M)[1]
 
 
 def stddev_over_time(X, TS, M, c, p, e):
@@ -149,9 +179,11 @@ def _quantiles(X, M, c, q):
             row = Z[r, :n]
             Z[r, :n] = np.concatenate([row[np.isnan(row)], row[~np.isnan(row)]])
     n = c.astype(float)
-    rank = q * (n - 1)
-    lower = np.clip(np.floor(rank), 0, np.maximum(n - 1, 0)).astype(np.int64)
-    upper = np.clip(lower + 1, 0, np.maximum(n - 1, 0).astype(np.int64))
+    qq = np.where(np.isnan(q), 0.0, np.clip(q, 0, 1))
+    rank = qq * (n - 1)
+    top = np.maximum(n - 1, 0).astype(np.int64)
+    lower = np.clip(np.floor(rank), 0, top).astype(np.int64)
+    upper = np.minimum(lower + 1, top)
     weight = rank - np.floor(rank)
     rows = np.arange(len(c))
     res = Z[rows, lower] * (1 - weight) + Z[rows, upper] * weight
@@ -168,7 +200,25 @@ def quantile_over_time(X, TS, M, c, p, e):
 def mad_over_time(X, TS, M, c, p, e):
     med = _quantiles(X, M, c, np.full(len(c), 0.5))
     dev = np.abs(X - med[:, None])
-    return _quantiles(dev, M, c, np.full(len(c), 0.5))
+    res = _quantiles(dev, M, c, np.full(len(c), 0.5))
+    return np.where((np.isnan(X) & M).any(axis=1), np.nan, res)
+
+
+def _ts_of(pick):
+    def fn(X, TS, M, c, p, e):
+        rows = np.arange(len(c))
+        if pick == "last":
+            idx = np.maximum(c - 1, 0)
+        elif pick == "first":
+            idx = np.zeros(len(c), dtype=np.int64)
+        else:
+            fill = np.inf if pick == "min" else -np.inf
+            Z = np.where(M & ~np.isnan(X), X, fill)
+            # the last occurrence of the extreme value, as Prometheus' <= / >= scan keeps it
+            rev = Z[:, ::-1]
+            idx = Z.shape[1] - 1 - (rev.argmin(axis=1) if pick == "min" else rev.argmax(axis=1))
+        return TS[rows, idx] / 1000.0
+    return fn
 
 
 def changes(X, TS, M, c, p, e):
@@ -248,7 +298,8 @@ def deriv(X, TS, M, c, p, e):
 
 
 def predict_linear(X, TS, M, c, p, ends):
-    slope, intercept = _regression(X, TS, M, c, ends)
+    # Prometheus regresses around the step's own time (before @ and offset): p[1].
+    slope, intercept = _regression(X, TS, M, c, p[1].astype(np.int64))
     return slope * p[0] + intercept
 
 
@@ -291,6 +342,10 @@ SIMPLE = {
     "resets": (resets, 1, 0),
     "deriv": (deriv, 2, 0),
     "predict_linear": (predict_linear, 2, 1),
+    "ts_of_min_over_time": (_ts_of("min"), 1, 0),
+    "ts_of_max_over_time": (_ts_of("max"), 1, 0),
+    "ts_of_first_over_time": (_ts_of("first"), 1, 0),
+    "ts_of_last_over_time": (_ts_of("last"), 1, 0),
     "irate": (make_instant(True), 2, 0),
     "idelta": (make_instant(False), 2, 0),
     "double_exponential_smoothing": (double_exponential_smoothing, 2, 2),
