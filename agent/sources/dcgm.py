@@ -54,8 +54,17 @@ def _chip_order(chip: str) -> tuple[int, str]:
     return (int(chip), "") if chip.isdigit() else (1 << 30, chip)
 
 
+def _metric_name(line: str) -> str:
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        return parts[2] if len(parts) > 2 else ""
+    return line.split("{", 1)[0].split(" ", 1)[0]
+
+
 def parse(text: str) -> list[Point]:
     """dcgm-exporter text exposition -> catalog points."""
+    # Only the wanted fields go through the (accurate but slow) parser: a page has ~40 fields.
+    text = "\n".join(line for line in text.splitlines() if _metric_name(line) in _WANTED) + "\n"
     # (field, chip) -> (value, labels) ; first row wins (pods sharing a GPU repeat it)
     rows: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
     for family in text_string_to_metric_families(text):

@@ -13,10 +13,12 @@ absent. A file that is not an integer (or vanishes mid-read) is skipped, not fat
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from agent.sources.base import Point, point
+from agent.sources.sysfs import read_small
 
 # hw_counters/lifespan is a setting (how many ms the driver caches counters), not a counter.
 _NOT_COUNTERS = frozenset({"lifespan"})
@@ -26,7 +28,7 @@ _RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*Gb/sec")
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="ascii", errors="replace").strip()
+        return read_small(path).decode("ascii", errors="replace").strip()
     except OSError:
         return None
 
@@ -34,18 +36,15 @@ def _read(path: Path) -> str | None:
 def _counters(directory: Path) -> list[tuple[str, int]]:
     out = []
     try:
-        files = sorted(directory.iterdir())
+        names = sorted(os.listdir(directory))
     except OSError:
         return out
-    for f in files:
-        if f.name in _NOT_COUNTERS:
-            continue
-        text = _read(f)
-        if text is None:
+    for name in names:
+        if name in _NOT_COUNTERS:
             continue
         try:
-            out.append((f.name, int(text)))
-        except ValueError:
+            out.append((name, int(read_small(os.path.join(directory, name)))))
+        except (OSError, ValueError):
             continue
     return out
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from agent.sources.base import Point, point
+from agent.sources.sysfs import read_small
 
 _TEMP = re.compile(r"^temp(\d+)_input$")
 _POWER = re.compile(r"^power(\d+)_(input|average)$")
@@ -48,7 +49,7 @@ _WATTS = re.compile(r"^\s*([^:]+?)\s*:\s*([0-9]+(?:\.[0-9]+)?)\s*Watts", re.MULT
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        return read_small(path).decode("utf-8", errors="replace").strip()
     except OSError:
         return None
 
