@@ -31,11 +31,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def scrape_once(config_path: str) -> int:
     from agent.export.prometheus import render
-    from agent.runner import collect_sources
+    from agent.runner import close_sources, collect_sources
     from agent.sources import build_sources
 
     cfg = load(config_path)
-    data, selfm = collect_sources(build_sources(cfg))
+    sources = build_sources(cfg)
+    try:
+        data, selfm = collect_sources(sources)
+    finally:
+        close_sources(sources)
     sys.stdout.write(render(data + selfm, cfg.resource))
     return 0
 

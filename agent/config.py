@@ -320,9 +320,10 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
         return p if os.path.isabs(p) else str((base / p).resolve())
 
     def cmd(c: tuple[str, ...]) -> tuple[str, ...]:
-        # Only a first word that names a file path (contains a slash) is resolved; a bare
-        # program name is looked up on PATH as usual.
-        return ((rel(c[0]),) if "/" in c[0] else (c[0],)) + c[1:]
+        # The program is resolved when it names a file path (contains a slash; a bare name is
+        # looked up on PATH as usual), an argument when it starts with ./ or ../.
+        first = rel(c[0]) if "/" in c[0] else c[0]
+        return (first, *(rel(a) if a.startswith(("./", "../")) else a for a in c[1:]))
 
     return dataclasses.replace(
         cfg, sysfs_root=rel(cfg.sysfs_root), procfs_root=rel(cfg.procfs_root), kmsg_path=rel(cfg.kmsg_path),

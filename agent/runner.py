@@ -36,6 +36,19 @@ class SourceStatus:
     points: int = 0
 
 
+def close_sources(sources: list[Source]) -> None:
+    """Stop event threads and child processes (neuron-monitor) of sources that have them."""
+    for src in sources:
+        for method in ("stop_events", "close"):
+            fn = getattr(src, method, None)
+            if fn is None:
+                continue
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
+                log.exception("source %s: %s failed", src.name, method)
+
+
 def collect_sources(sources: list[Source], status: dict[str, SourceStatus] | None = None) -> tuple[list[Point], list[Point]]:
     """Collect every source once: (data points, self-metric points). Never raises."""
     data: list[Point] = []
@@ -156,12 +169,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        for src in self.sources:
-            if hasattr(src, "stop_events"):
-                try:
-                    src.stop_events()
-                except Exception:  # noqa: BLE001
-                    log.exception("source %s: stop_events failed", src.name)
+        close_sources(self.sources)
         if self.shipper is not None:
             self.shipper.stop(timeout=self.config.export_timeout + 1)
         if self.server is not None:

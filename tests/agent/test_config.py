@@ -84,11 +84,13 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "agent.yaml"
     path.write_text("labels: {cluster: c1, node: n1}\nsysfs_root: ../sys\n"
-                    "ipmitool_command: [./fake-ipmitool, dcmi]\nneuron_monitor_command: [neuron-monitor]\n")
+                    "ipmitool_command: [./fake-ipmitool, dcmi]\n"
+                    "neuron_monitor_command: [neuron-monitor, -c, ../nm.json, --period, '5']\n")
     cfg = load(path, env={})
     assert cfg.sysfs_root == str(tmp_path / "sys")
     assert cfg.ipmitool_command == (str(tmp_path / "conf" / "fake-ipmitool"), "dcmi")
-    assert cfg.neuron_monitor_command == ("neuron-monitor",)   # bare names stay on PATH
+    # a bare program name stays on PATH; ./ and ../ arguments are relative to the file
+    assert cfg.neuron_monitor_command == ("neuron-monitor", "-c", str(tmp_path / "nm.json"), "--period", "5")
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):
