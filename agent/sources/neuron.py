@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -234,8 +235,7 @@ class NeuronSource:
         if not self.command:
             return False, "neuron_monitor_command is empty"
         exe = self.command[0]
-        from shutil import which
-        if which(exe) is None:
+        if shutil.which(exe) is None:
             return False, f"{exe} not found (aws-neuronx-tools not installed?)"
         return True, ""
 

@@ -136,6 +136,7 @@ class XidSource:
         self.procfs_root = Path(procfs_root)
         self.state_path = Path(state_dir) / STATE_FILE if state_dir else None
         self.nvml = nvml
+        self._nvml_initialized = False
         self.lines_read = 0
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -265,6 +266,9 @@ class XidSource:
             self._gpus = gpus_from_procfs(self.procfs_root)
             if self.nvml is not None:
                 try:
+                    if not self._nvml_initialized:
+                        self.nvml.nvmlInit()  # NVML counts inits, so sharing it with NvmlSource is fine
+                        self._nvml_initialized = True
                     self._gpus.update(gpus_from_nvml(self.nvml))
                 except self.nvml.NVMLError:
                     pass

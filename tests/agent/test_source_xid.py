@@ -140,3 +140,21 @@ def test_not_supported_without_kernel_log_or_driver(tmp_path):
     ok, why = XidSource(KMSG, tmp_path).supported()
     assert not ok and "NVIDIA driver" in why
     assert XidSource(KMSG, PROCFS).supported() == (True, "")
+
+
+def test_nvml_maps_bus_ids_when_given(tmp_path):
+    """Without the driver's procfs entries, an injected NVML names the GPUs (by PCI bus id)."""
+    from tests.agent.nvml_replay import NvmlReplay
+
+    procfs = tmp_path / "procfs"
+    shutil.copytree(PROCFS / "sys", procfs / "sys")
+    src = XidSource(KMSG, procfs, nvml=NvmlReplay(FIXTURES / "nvml" / "recorded_b200x8.json"))
+    assert src.supported() == (True, "")
+    points = src.collect()
+    assert counts(points) == EXPECTED
+    lost = next(p for p in points if p.attributes["xid"] == "79")
+    assert lost.attributes["uuid"] == "GPU-2fa91425-cb00-4853-9d2c-67eda13ffe79"
+    # And with neither, the XID is still counted, under an empty chip.
+    bare = XidSource(KMSG, procfs).collect()
+    assert sum(p.value for p in bare) == sum(EXPECTED.values())
+    assert {p.attributes["chip"] for p in bare} == {""}
