@@ -5,8 +5,10 @@ one step of one chunk):
 
 1. rollups. rollup_5m_data from raw samples, rollup_1h_data from rollup_5m_data: min, max, sum,
    count and last per series per bucket (stale markers and NaN are left out). Buckets from the
-   watermark on are recomputed, so a bucket still open at the last pass is completed; samples
-   arriving later than `LATE_MS` behind real time are not rolled up.
+   watermark on are recomputed, so a bucket still open at the last pass is completed. The
+   watermark follows the newest data (so a backfill is rolled up as it goes) but stays at least
+   `LATE_MS` behind real time; samples older than the watermark when they arrive (a spool
+   replaying hours later) stay in raw storage but are not added to rollups.
 2. compaction. Raw samples in closed hours (older than storage.compact_after_s) are rewritten
    sorted by (series_id, ts), duplicates of (series_id, ts) collapsed to the last one written.
    Sorted, a row group holds long runs of one series with evenly spaced timestamps and similar
@@ -37,8 +39,8 @@ LATE_MS = 300_000
 
 
 def _get(con, job: str) -> int | None:
-    row = con.execute("SELECT done_until FROM maintenance_state WHERE job = ?", [job]).fetchone()
-    return int(row[0]) if row else None
+    rows = con.execute("SELECT done_until FROM maintenance_state WHERE job = ?", [job]).fetchall()
+    return int(rows[0][0]) if rows else None
 
 
 def _set(con, job: str, value: int) -> None:
@@ -46,8 +48,13 @@ def _set(con, job: str, value: int) -> None:
 
 
 def _min_ts(con, table: str, column: str) -> int | None:
-    row = con.execute(f"SELECT min({column}) FROM {table}").fetchone()
-    return None if row is None or row[0] is None else int(row[0])
+    value = con.execute(f"SELECT min({column}) FROM {table}").fetchall()[0][0]
+    return None if value is None else int(value)
+
+
+def _max_ts(con, table: str, column: str) -> int | None:
+    value = con.execute(f"SELECT max({column}) FROM {table}").fetchall()[0][0]
+    return None if value is None else int(value)
 
 
 def rollup(store, now_ms: int) -> dict:
@@ -74,8 +81,12 @@ def rollup(store, now_ms: int) -> dict:
                 n = con.execute(
                     f"INSERT INTO rollup_{res}_data SELECT series_id, {ts_col} // {step} * {step} AS b, {cols} "
                     f"FROM {source} WHERE {where} GROUP BY series_id, b ORDER BY series_id, b",
-                    [start]).fetchone()[0]
-                _set(con, f"rollup_{res}", max(start, (now_ms - LATE_MS) // step * step))
+                    [start]).fetchall()[0][0]
+                # Next pass starts at the bucket holding the newest data (or LATE_MS ago, if
+                # earlier): a backfill that is still running is rolled up as it progresses.
+                newest = _max_ts(con, source, ts_col)
+                mark = min(now_ms - LATE_MS, newest if newest is not None else now_ms)
+                _set(con, f"rollup_{res}", max(start, mark // step * step))
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
@@ -116,9 +127,22 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
         start = end
         hours += 1
     if hours:
-        with store.write_lock:
-            con.execute("CHECKPOINT")
+        checkpoint(store)
     return hours
+
+
+def checkpoint(store) -> bool:
+    """Fold the WAL into the database file now, so the rewritten row groups are compressed and
+    the deleted ones freed. Best effort: DuckDB refuses while another transaction is open, and
+    then checkpoints by itself later (when the WAL passes checkpoint_threshold)."""
+    import duckdb
+
+    with store.write_lock:
+        try:
+            store.con.execute("CHECKPOINT")
+            return True
+        except duckdb.TransactionException:
+            return False
 
 
 def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int = HOUR) -> list[str]:
@@ -139,10 +163,10 @@ def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int
     root = Path(export_dir)
     while start + DAY + grace_ms <= now_ms:
         day = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
-        table = cur.execute(
+        table = cur.sql(
             "SELECT se.metric AS metric, s.ts AS ts, se.labels AS labels, s.value AS value "
-            "FROM samples s JOIN series se ON se.id = s.series_id WHERE s.ts >= ? AND s.ts < ? "
-            "ORDER BY se.metric, s.series_id, s.ts", [start, start + DAY]).to_arrow_table()
+            "FROM samples s JOIN series se ON se.id = s.series_id WHERE s.ts >= $1 AND s.ts < $2 "
+            "ORDER BY se.metric, s.series_id, s.ts", params=[start, start + DAY]).to_arrow_table()
         if table.num_rows:
             ts = pc.cast(table["ts"], pa.timestamp("ms", tz="UTC"))
             data = pa.table({"ts": ts, "labels": table["labels"], "value": table["value"]})
@@ -173,10 +197,10 @@ def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool) 
         for job in ("rollup_5m",) + (("export",) if exporting else ()):
             mark = _get(con, job)
             limit = min(limit, mark if mark is not None else -(1 << 62))
-        raw = con.execute("DELETE FROM samples WHERE ts < ?", [limit]).fetchone()[0]
+        raw = con.execute("DELETE FROM samples WHERE ts < ?", [limit]).fetchall()[0][0]
         old = now_ms - rollup_ms
-        r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old]).fetchone()[0]
-        r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [old]).fetchone()[0]
+        r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old]).fetchall()[0][0]
+        r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [old]).fetchall()[0][0]
     return {"raw_deleted": int(raw), "rollup_deleted": int(r5) + int(r1)}
 
 

@@ -80,7 +80,7 @@ class Writer:
     # ------------------------------------------------------------------ helpers
     def seen(self, batch_key: bytes, cur=None) -> bool:
         cur = cur or self.store.cursor()
-        return cur.execute("SELECT 1 FROM ingest_batches WHERE key = ?", [batch_key]).fetchone() is not None
+        return cur.execute("SELECT 1 FROM ingest_batches WHERE key = ?", [batch_key]).fetchall() != []
 
     def _new_series(self, metric: str, items: tuple, res: WriteResult, pending_per_metric: dict) -> int | None:
         """Id for a label set the store does not know yet, or None when invalid/over a limit."""
@@ -246,5 +246,5 @@ class Writer:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cutoff = now_ms - int(self.batch_key_ttl_s * 1000)
         with self.store.write_lock:
-            n = self.store.con.execute("DELETE FROM ingest_batches WHERE received_ms < ?", [cutoff]).fetchone()
-        return int(n[0]) if n else 0
+            n = self.store.con.execute("DELETE FROM ingest_batches WHERE received_ms < ?", [cutoff]).fetchall()
+        return int(n[0][0]) if n else 0

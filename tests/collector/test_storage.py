@@ -1,0 +1,157 @@
+"""Storage upkeep on an embedded DuckDB file: rollups, compaction, retention, Parquet export."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pytest
+
+from collector.config import Config
+from collector.store import maintenance
+from collector.store.core import Matcher, Store
+from collector.store.writer import Writer
+
+H = 3_600_000
+T0 = 1_700_000_000_000 // (24 * H) * (24 * H)   # a UTC midnight
+
+
+class Ctx:
+    def __init__(self, path, **storage):
+        self.config = Config(db=str(path))
+        for k, v in storage.items():
+            setattr(self.config.storage, k, v)
+        self.store = Store(str(path), sandbox=True)
+        self.writer = Writer(self.store)
+
+
+def fill(writer, start, end, step=10_000, series=3):
+    rows = []
+    for t in range(start, end, step):
+        for s in range(series):
+            rows.append(("hw_power_watts", {"chip": str(s), "rack": "r1"}, t, float((t - start) // step + s)))
+    assert writer.write(rows).accepted == len(rows)
+    return rows
+
+
+def test_rollups_5m_and_1h(tmp_path):
+    ctx = Ctx(tmp_path / "r.duckdb")
+    fill(ctx.writer, T0, T0 + 2 * H)
+    ctx.writer.write([("hw_power_watts", {"chip": "0", "rack": "r1"}, T0 + 1000, None)])   # stale: ignored
+    maintenance.rollup(ctx.store, T0 + 3 * H)
+    cur = ctx.store.cursor()
+    r5 = cur.execute("SELECT min, max, avg, sum, count, last FROM rollup_5m "
+                     "WHERE labels['chip'] = '1' AND ts = make_timestamp(?::BIGINT * 1000)", [T0 + 300_000]).fetchone()
+    # chip 1 in [5m, 10m): values 30+1 .. 59+1
+    assert r5 == (31.0, 60.0, 45.5, sum(range(31, 61)), 30, 60.0)
+    r1 = cur.execute("SELECT min, max, avg, count, last FROM rollup_1h WHERE labels['chip'] = '0' ORDER BY ts").fetchall()
+    assert r1 == [(0.0, 359.0, 179.5, 360, 359.0), (360.0, 719.0, 539.5, 360, 719.0)]
+    # a second pass recomputes from the watermark without double counting
+    fill(ctx.writer, T0 + 2 * H, T0 + 2 * H + 600_000)
+    maintenance.rollup(ctx.store, T0 + 3 * H)
+    assert cur.execute("SELECT count(*), sum(count) FROM rollup_1h_data").fetchone() == (9, 3 * 720 + 3 * 60)
+
+
+def test_compaction_keeps_every_sample_sorts_and_dedups(tmp_path):
+    ctx = Ctx(tmp_path / "c.duckdb")
+    rows = fill(ctx.writer, T0, T0 + 3 * H, series=20)
+    dup = rows[:50]
+    ctx.writer.write([(m, lab, t, v + 1000) for m, lab, t, v in dup])   # rewritten: last write wins
+    before = ctx.store.cursor().execute("SELECT count(*) FROM samples").fetchone()[0]
+    assert before == len(rows) + 50
+    hours = maintenance.compact(ctx.store, T0 + 4 * H, compact_after_ms=H)
+    assert hours == 3
+    cur = ctx.store.cursor()
+    assert cur.execute("SELECT count(*) FROM samples").fetchone()[0] == len(rows)
+    ids = [sid for sid, _, _ in ctx.store.select_series([Matcher("__name__", "=", "hw_power_watts")])]
+    got = ctx.store.fetch(ids, T0, T0 + 3 * H)
+    assert len(got.ts) == len(rows)
+    first = {(lab["chip"], t): v for _, lab, t, v in dup}
+    stored = dict(cur.execute("SELECT (se.labels['chip'], s.ts), s.value FROM samples s JOIN series se "
+                              "ON se.id = s.series_id WHERE s.ts < ?", [T0 + 30_000]).fetchall())
+    for (chip, t), v in first.items():
+        assert stored[(chip, t)] == v + 1000
+    # rows are physically sorted by (series_id, ts) within each compacted hour
+    order = cur.execute("SELECT series_id, ts FROM samples WHERE ts >= ? AND ts < ? ORDER BY rowid",
+                        [T0 + H, T0 + 2 * H]).fetchnumpy()
+    key = order["series_id"].astype(np.int64) * (1 << 42) + (order["ts"] - T0)
+    assert np.all(np.diff(key) > 0)
+    assert maintenance.compact(ctx.store, T0 + 4 * H, compact_after_ms=H) == 0   # idempotent
+
+
+def test_compressed_layout(tmp_path):
+    ctx = Ctx(tmp_path / "z.duckdb")
+    fill(ctx.writer, T0, T0 + 6 * H, series=50)
+    maintenance.compact(ctx.store, T0 + 7 * H, compact_after_ms=H)
+    info = ctx.store.cursor().execute(
+        "SELECT DISTINCT column_name, compression FROM pragma_storage_info('samples') WHERE segment_type <> 'VALIDITY'"
+    ).fetchall()
+    kinds = {c: set() for c, _ in info}
+    for c, comp in info:
+        kinds[c].add(comp)
+    assert "Uncompressed" not in kinds["series_id"] | kinds["ts"], kinds
+
+
+def test_retention_never_drops_what_is_not_rolled_up_or_exported(tmp_path):
+    ctx = Ctx(tmp_path / "k.duckdb", export_dir=str(tmp_path / "export"), retention_raw=3600)
+    fill(ctx.writer, T0, T0 + 2 * H)
+    cur = ctx.store.cursor()
+    # nothing rolled up or exported yet: retention keeps everything
+    maintenance.retention(ctx.store, T0 + 10 * H, raw_ms=H, rollup_ms=100 * H, exporting=True)
+    assert cur.execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 360 * 3
+    done = maintenance.run_once(ctx, now_ms=T0 + 30 * H)
+    # exported and rolled up except the newest 5-minute bucket (it may still grow): that stays raw
+    assert done["exported_days"] and done["raw_deleted"] == (120 - 5) * 6 * 3
+    assert cur.execute("SELECT count(*) FROM samples").fetchone()[0] == 5 * 6 * 3
+    assert cur.execute("SELECT sum(count) FROM rollup_1h").fetchone()[0] == 2 * 360 * 3   # history kept
+
+
+def test_parquet_export_reads_back_with_hive_partitions(tmp_path):
+    ctx = Ctx(tmp_path / "e.duckdb")
+    rows = fill(ctx.writer, T0, T0 + 26 * H, step=60_000)
+    ctx.writer.write([("hw_gpu_utilization_ratio", {"chip": "0"}, T0 + 5, 0.25)])
+    out = tmp_path / "export"
+    days = maintenance.export_days(ctx.store, out, now_ms=T0 + 50 * H)
+    assert len(days) == 2 and days[0] < days[1]
+    assert maintenance.export_days(ctx.store, out, now_ms=T0 + 50 * H) == []   # each day once
+    con = duckdb.connect()
+    got = con.execute(
+        f"SELECT day, metric, count(*), min(value), max(value) FROM read_parquet('{out}/*/*/*.parquet', "
+        "hive_partitioning = true) GROUP BY ALL ORDER BY ALL").fetchall()
+    per_day = {}
+    for day, metric, n, lo, hi in got:
+        per_day.setdefault(str(day), {})[metric] = n
+    first = str(days[0])
+    assert per_day[first]["hw_power_watts"] == 24 * 60 * 3 and per_day[first]["hw_gpu_utilization_ratio"] == 1
+    assert sum(d.get("hw_power_watts", 0) for d in per_day.values()) == len(rows)
+    schema = con.execute(f"DESCRIBE SELECT * FROM read_parquet('{out}/day={first}/metric=hw_power_watts/part-0.parquet')"
+                         ).fetchall()
+    assert [(c, t) for c, t, *_ in schema][:3] == [("ts", "TIMESTAMP WITH TIME ZONE"), ("labels", "MAP(VARCHAR, VARCHAR)"),
+                                               ("value", "DOUBLE")]
+    chip1 = con.execute(f"SELECT value FROM read_parquet('{out}/day={first}/metric=hw_power_watts/part-0.parquet') "
+                        "WHERE labels['chip'] = '1' ORDER BY ts LIMIT 3").fetchall()
+    assert chip1 == [(1.0,), (2.0,), (3.0,)]
+
+
+def test_store_reopens_with_series_cache(tmp_path):
+    path = tmp_path / "o.duckdb"
+    ctx = Ctx(path)
+    fill(ctx.writer, T0, T0 + 60_000)
+    ctx.store.close()
+    store = Store(str(path))
+    assert store.series_count() == 3 and store.metric_series_count("hw_power_watts") == 3
+    w = Writer(store, max_series_per_metric=3)
+    res = w.write([("hw_power_watts", {"chip": "0", "rack": "r1"}, T0 + 60_000, 1.0),
+                   ("hw_power_watts", {"chip": "9", "rack": "r1"}, T0 + 60_000, 1.0)])
+    assert (res.accepted, res.limited) == (1, 1)
+    assert store.series_count() == 3
+
+
+@pytest.mark.parametrize("bad", [
+    ("bad-name", {}, 1, 1.0), ("ok", {"__x": "y"}, 1, 1.0), ("ok", {"a": 1}, 1, 1.0),
+    ("ok", {"a": "b"}, "soon", 1.0), ("ok", {"a": "b"}, 1, "x"), ("ok", {"a": "b"}, 2**63, 1.0), ("only", "three"),
+])
+def test_writer_rejects_bad_rows_with_a_reason(tmp_path, bad):
+    store = Store(":memory:")
+    res = Writer(store).write([bad, ("fine", {"a": "b"}, 5, 2.0)])
+    assert res.rejected == 1 and res.accepted == 1 and res.errors
+    assert store.cursor().execute("SELECT count(*) FROM samples").fetchone()[0] == 1
