@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.sources.base import EventSink, Point, point
@@ -53,10 +53,12 @@ class Gpu:
     uuid: str
     model: str
     pci_bus_id: str
+    labels: dict[str, str] = field(init=False, compare=False)
 
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"chip": str(self.index), "uuid": self.uuid, "vendor": "nvidia", "model": self.model}
+    def __post_init__(self) -> None:
+        # Built once: every one of the GPU's ~100 points carries these.
+        object.__setattr__(self, "labels", {"chip": str(self.index), "uuid": self.uuid,
+                                            "vendor": "nvidia", "model": self.model})
 
 
 class GpuLost(Exception):

@@ -75,7 +75,7 @@ class NvmlReplay:
         if isinstance(value, dict) and "error" in value:
             _raise(value["error"])
         if args:
-            key = ",".join(str(int(a)) for a in args)
+            key = str(args[0]) if len(args) == 1 else ",".join(map(str, args))
             if key not in value:
                 _raise("InvalidArgument")
             value = value[key]
