@@ -340,7 +340,7 @@ def call(ev, node, times):
         for a in args[2:]:
             q = _scalar_arg(ev, a, times)
             res = histogram_quantile(ev, q, vec)
-            qs = repr(float(q[0]))
+            qs = repr(float(q[0])) if np.isfinite(q[0]) else _fmt_num(q[0])
             parts.append(Vector([{**lb, label: qs} for lb in res.labels], res.values, res.present))
         from .engine import merge_same_labels
         if not parts:

@@ -97,35 +97,35 @@ def bucket_quantile(q: float, bounds: list[float], counts: list[float]):
 
 
 def bucket_fraction(lower: float, upper: float, bounds: list[float], counts: list[float]) -> float:
-    """Fraction of observations in [lower, upper], interpolating linearly inside buckets."""
+    """Fraction of observations in [lower, upper], interpolating linearly inside buckets.
+
+    The first bucket starts at 0 when its bound is positive and at -Inf otherwise; buckets of
+    infinite width contribute only when they lie wholly inside [lower, upper].
+    """
     order = sorted(range(len(bounds)), key=lambda i: bounds[i])
     if not order or not math.isinf(bounds[order[-1]]):
         return math.nan
     b, c, _ = _prepare(bounds, counts)
-    if len(b) < 2 or c[-1] == 0:
-        return math.nan
     total = c[-1]
-    if math.isnan(lower) or math.isnan(upper):
+    if math.isnan(lower) or math.isnan(upper) or total == 0 or math.isnan(total):
         return math.nan
     if lower >= upper:
         return 0.0
-
-    def rank(x: float) -> float:
-        # observations <= x
-        prev_b, prev_c = (0.0 if b[0] > 0 else -math.inf), 0.0
-        for bound, cnt in zip(b, c):
-            if x <= bound:
-                if math.isinf(bound):
-                    return prev_c if not math.isinf(x) else cnt
-                if math.isinf(prev_b):
-                    return prev_c if x < bound else cnt
-                if x <= prev_b:
-                    return prev_c
-                return prev_c + (cnt - prev_c) * (x - prev_b) / (bound - prev_b)
-            prev_b, prev_c = bound, cnt
-        return total
-
-    return (rank(upper) - rank(lower)) / total
+    inside, prev_c = 0.0, 0.0
+    prev_b = 0.0 if b[0] > 0 else -math.inf
+    for bound, cnt in zip(b, c):
+        n = cnt - prev_c
+        lo, hi = max(prev_b, lower), min(bound, upper)
+        if prev_b >= lower and bound <= upper:
+            inside += n
+        elif math.isinf(bound) and math.isinf(upper) and upper > 0 and lower < math.inf:
+            inside += n     # the +Inf bucket lies inside [lower, +Inf] whatever lower is
+        elif math.isinf(prev_b) and math.isinf(lower) and lower < 0 and upper > -math.inf:
+            inside += n
+        elif hi > lo and not (math.isinf(prev_b) or math.isinf(bound)):
+            inside += n * (hi - lo) / (bound - prev_b)
+        prev_b, prev_c = bound, cnt
+    return inside / total
 
 
 def _groups(vec: Vector):
