@@ -182,3 +182,15 @@ def test_not_supported_without_a_driver():
     with pytest.raises(RuntimeError, match="nvmlInit failed"):
         src.collect()
     assert issubclass(pynvml.NVMLError_LibraryNotFound, pynvml.NVMLError)
+
+
+def test_the_real_pynvml_without_a_driver_says_not_supported():
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pynvml.nvmlShutdown()
+        pytest.skip("an NVIDIA driver is present: tests/agent/test_source_nvml_gpu.py covers it (-m gpu)")
+    ok, why = NvmlSource().supported()          # nvml=None: the source imports pynvml itself
+    assert not ok and "needs an NVIDIA GPU and driver (libnvidia-ml)" in why
