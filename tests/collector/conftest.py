@@ -43,8 +43,9 @@ def start_collector(tmp: Path, config: dict | None = None, *, db: Path | None = 
         env["SHOPFLOOR_COLLECTOR_TOKEN"] = token
     cmd = [PYTHON, "-m", "shopfloor", "collector", "--config", str(cfg_path),
            "--listen", f"127.0.0.1:{port}", "--db", str(db), "--log-level", "warning"]
+    # generous start timeout: the CI machine's 2 cores may be busy with other suites
     with running(cmd, ready_url=f"http://127.0.0.1:{port}/-/healthy", log=tmp / f"collector-{port}.log",
-                 env=env, cwd=ROOT) as proc:
+                 env=env, cwd=ROOT, timeout=120) as proc:
         yield Collector(f"http://127.0.0.1:{port}", db, proc, token)
 
 

@@ -19,7 +19,7 @@ from tests.collector.fleet import batch
 
 PB = "application/x-protobuf"
 BASELINE = batch(0, 1, 1_700_000_000_000)
-SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
