@@ -73,24 +73,23 @@ def _query_var(name: str, label: str, query: str, *, multi: bool = True, include
     }
 
 
-def variables(*names: str) -> list[dict]:
-    """The data source picker plus the requested label variables, each filtered by the ones before."""
-    info = M("hw.gpu.info")
-    defs = {
-        "cluster": ("Cluster", f"label_values({info}, cluster)"),
-        "vendor": ("Vendor", f'label_values({info}{{cluster=~"$cluster"}}, vendor)'),
-        "node": ("Node", f'label_values({info}{{cluster=~"$cluster", vendor=~"$vendor"}}, node)'),
-        "chip": ("Chip", f'label_values({info}{{cluster=~"$cluster", vendor=~"$vendor", node=~"$node"}}, chip)'),
-        # hosts without accelerators (EFA-only views) are found through the agent's own metric
-        "host": ("Node", f'label_values({M("shopfloor.agent.scrape.success")}{{cluster=~"$cluster"}}, node)'),
-    }
+def variables(*names: str, fixed: str = "") -> list[dict]:
+    """The data source picker plus label variables, each filtered by the ones before it.
+
+    fixed: matchers every variable query carries (the Trainium dashboard pins vendor="aws").
+    "host" is a node variable for views without accelerators (found through the agent's metric).
+    """
     out = [{"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
             "current": {"selected": True, "text": "Shopfloor", "value": "shopfloor"},
             "hide": 0, "refresh": 1, "regex": "", "options": [], "skipUrlSync": False}]
+    before: list[str] = [fixed] if fixed else []
     for n in names:
-        label, query = defs[n]
-        var = _query_var("node" if n == "host" else n, label, query)
-        out.append(var)
+        metric = M("shopfloor.agent.scrape.success") if n == "host" else M("hw.gpu.info")
+        label = "node" if n == "host" else n
+        filters = ", ".join(before)
+        query = f"label_values({metric}{{{filters}}}, {label})" if filters else f"label_values({metric}, {label})"
+        out.append(_query_var(label, label.capitalize(), query))
+        before.append(f'{label}=~"${label}"')
     return out
 
 
@@ -476,7 +475,7 @@ def trainium() -> dict:
     ]
     return dashboard("shopfloor-trainium", "Shopfloor / Trainium",
                      "AWS Trainium: NeuronCore utilization, execution errors and outcomes, latency, memory ECC.",
-                     p, variables("cluster", "node", "chip"))
+                     p, variables("cluster", "node", "chip", fixed='vendor="aws"'))
 
 
 def capacity() -> dict:
