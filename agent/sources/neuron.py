@@ -29,7 +29,9 @@ period has not elapsed yet in the next report, so a group identical to the one s
 Robustness: a line that is not a JSON object (truncated, garbage, a log line) is skipped and
 counted in `bad_lines`; a runtime may appear or vanish; null latency is absent. If the process
 exits or cannot start it is restarted after a backoff that doubles up to backoff_max (and resets
-after a good report); if it prints nothing for hang_timeout seconds it is killed and restarted.
+after a good report); if it prints nothing for hang_timeout seconds, or for hang_periods of its
+own reporting periods when that is longer (a site may run neuron-monitor at a 60 s period), it is
+killed and restarted.
 Nothing here raises into the agent except collect() when there is no report to give.
 """
 
@@ -113,6 +115,18 @@ def _runtime_cores(runtime: dict) -> list[int]:
            .get("usage_breakdown") or {}).get("neuroncore_memory_usage") or {}
     cores.update(int(c) for c in mem if str(c).isdigit())
     return sorted(cores)
+
+
+def report_period(report: dict | None) -> float:
+    """The longest metric-group period in a report (seconds), 0 when there is none."""
+    if not report:
+        return 0.0
+    groups = list((report.get("system_data") or {}).values())
+    for runtime in report.get("neuron_runtime_data") or []:
+        if isinstance(runtime, dict):
+            groups.extend((runtime.get("report") or {}).values())
+    periods = [g["period"] for g in groups if isinstance(g, dict) and isinstance(g.get("period"), (int, float))]
+    return float(max(periods, default=0.0))
 
 
 def accumulate(state: _State, report: dict) -> None:
@@ -211,9 +225,10 @@ class NeuronSource:
     name = "neuron"
 
     def __init__(self, command: Sequence[str], hang_timeout: float = 30.0, backoff_initial: float = 1.0,
-                 backoff_max: float = 60.0, first_report_timeout: float = 10.0):
+                 backoff_max: float = 60.0, first_report_timeout: float = 10.0, hang_periods: float = 3.0):
         self.command = list(command)
         self.hang_timeout = hang_timeout
+        self.hang_periods = hang_periods
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.first_report_timeout = first_report_timeout
@@ -223,7 +238,7 @@ class NeuronSource:
         self.last_error = ""
         self.backoff = 0.0            # the wait before the latest restart
         self._state = _State()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # collect() holds it while asking silence_limit()
         self._got_report = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -248,7 +263,7 @@ class NeuronSource:
                 raise NeuronMonitorError(f"no report from {' '.join(self.command)} yet"
                                          + (f": {self.last_error}" if self.last_error else ""))
             age = time.monotonic() - self._state.received_at
-            if age > self.hang_timeout * 2:
+            if age > self.silence_limit() * 2:
                 raise NeuronMonitorError(f"last neuron-monitor report is {age:.0f}s old: {self.last_error}")
             return points_from(self._state)
 
@@ -256,6 +271,12 @@ class NeuronSource:
         """The state the reports so far describe, as points (starts nothing)."""
         with self._lock:
             return points_from(self._state)
+
+    def silence_limit(self) -> float:
+        """Seconds without a line after which neuron-monitor counts as hung."""
+        with self._lock:
+            period = report_period(self._state.report)
+        return max(self.hang_timeout, self.hang_periods * period)
 
     # ------------------------------------------------------------------ the child process
     def start(self) -> None:
@@ -312,9 +333,10 @@ class NeuronSource:
             while not self._stop.is_set():
                 ready, _, _ = select.select([fd], [], [], 0.2)
                 if not ready:
-                    if time.monotonic() - last_line > self.hang_timeout:
+                    limit = self.silence_limit()
+                    if time.monotonic() - last_line > limit:
                         self.hangs += 1
-                        self.last_error = f"no output for {self.hang_timeout:g}s (hung)"
+                        self.last_error = f"no output for {limit:g}s (hung)"
                         return good
                     continue
                 chunk = os.read(fd, 1 << 16)

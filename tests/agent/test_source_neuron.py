@@ -124,13 +124,24 @@ def test_runs_neuron_monitor_and_restarts_it_when_it_exits():
 
 def test_a_hung_neuron_monitor_is_killed_and_restarted():
     src = NeuronSource(FAKE + [str(NEURON / "trn1.jsonl"), "--period", "0.05", "--hang-after", "1"],
-                       hang_timeout=0.5, backoff_initial=0.05, first_report_timeout=15)
+                       hang_timeout=0.5, hang_periods=0, backoff_initial=0.05, first_report_timeout=15)
     try:
         src.collect()
         assert wait_until(lambda: src.hangs >= 1 and src.restarts >= 1)
         assert "hung" in src.last_error
     finally:
         src.close()
+
+
+def test_the_hang_limit_follows_neuron_monitors_own_period():
+    first = (NEURON / "trn1.jsonl").read_bytes().split(b"\n")[0]
+    src = NeuronSource(FAKE)                     # hang_timeout 30 s, hang_periods 3
+    assert src.silence_limit() == 30.0           # before any report
+    src.feed_line(first)                         # its longest group period: 5.030213182 s
+    assert src.silence_limit() == 30.0
+    slow = NeuronSource(FAKE, hang_timeout=1.0)
+    slow.feed_line(first)
+    assert slow.silence_limit() == pytest.approx(3 * 5.030213182)
 
 
 def test_missing_or_garbage_monitor_never_crashes_and_backs_off(tmp_path):
