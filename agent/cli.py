@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="scrape: collect once and print Prometheus text exposition (with --once)")
     p.add_argument("--config", required=True, help="agent YAML config (see docs/agent.example.yaml)")
     p.add_argument("--once", action="store_true", help="with scrape: collect one time and exit")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
@@ -48,16 +48,16 @@ def run(config_path: str) -> int:
     from agent.runner import Agent
 
     cfg = load(config_path)
-    agent = Agent(cfg)
+    agent = Agent(cfg)   # opens the spool and binds /metrics: fails here, before anything runs
 
     def _term(signum, frame):
-        agent._stop.set()
+        agent.request_stop()   # the loop ends after the current collection; stop() cleans up
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     agent.start()
-    logging.getLogger("agent").warning("agent running: node=%s interval=%ss endpoint=%s",
-                                    cfg.labels.get("node"), cfg.interval, cfg.collector_endpoint or "(push off)")
+    logging.getLogger("agent").info("agent running: node=%s interval=%ss endpoint=%s",
+                                 cfg.labels.get("node"), cfg.interval, cfg.collector_endpoint or "(push off)")
     try:
         agent.run()
     finally:
@@ -80,3 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shopfloor agent: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:   # the /metrics port is taken, the spool dir is not writable, ...
+        print(f"shopfloor agent: cannot start: {exc}", file=sys.stderr)
+        return 1

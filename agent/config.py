@@ -208,10 +208,26 @@ def _labels(value: Any) -> dict[str, str]:
         if v is None or isinstance(v, (dict, list)):
             raise ConfigError(f"labels.{k}: expected a string value, got {v!r}")
         labels[k] = str(v)
+    reserved = _reserved_labels()
+    for k in labels:
+        if k in reserved:
+            raise ConfigError(f"labels.{k}: reserved ({reserved[k]}); choose another name")
     if not labels.get("cluster"):
         raise ConfigError("labels.cluster: required (the cluster this node belongs to)")
     labels.setdefault("node", socket.gethostname())
     return labels
+
+
+def _reserved_labels() -> dict[str, str]:
+    """Label names a site label must not take: the collector's job/instance, and every data-point
+    attribute in the catalog (a resource label named `chip` would collide with the chip's)."""
+    from agent.catalog import catalog, prometheus_label
+    out = {"job": "the collector sets job from service.name",
+           "instance": "the collector sets instance from service.instance.id"}
+    for m in catalog():
+        for a in m.attributes:
+            out.setdefault(prometheus_label(a), f"a label of {m.prom_name}")
+    return out
 
 
 def _sources(value: Any) -> dict[str, SourceConfig]:

@@ -167,6 +167,10 @@ class Agent:
                 next_at = now + interval - ((now - next_at) % interval)
             self._stop.wait(next_at - now)
 
+    def request_stop(self) -> None:
+        """Make run() return after the current collection (safe from a signal handler)."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         close_sources(self.sources)

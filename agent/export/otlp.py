@@ -56,6 +56,7 @@ SCOPE_NAME = "shopfloor.agent"
 CONTENT_TYPE = "application/x-protobuf"
 # The status codes the OTLP/HTTP specification says a client retries.
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+MAX_RESPONSE_BYTES = 64 * 1024
 _CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
 
@@ -269,41 +270,48 @@ class OtlpSender:
         data = gzip.compress(body, compresslevel=6, mtime=0) if self.compression == "gzip" else body
         try:
             try:
-                resp = self._session.post(self.endpoint, data=data, headers=self._headers, timeout=self.timeout)
+                resp = self._post(data)
             except requests.ConnectionError:
                 # A keep-alive connection the server closed: retry once at once, as the OTLP
                 # exporter does; a second failure means the collector is really unreachable.
-                resp = self._session.post(self.endpoint, data=data, headers=self._headers, timeout=self.timeout)
+                resp = self._post(data)
         except requests.RequestException as exc:
             return SendResult(False, True, None, None, f"{type(exc).__name__}: {exc}")
-        status = resp.status_code
+        status, headers, content = resp
         if 200 <= status < 300:
-            return self._success(resp)
+            return self._success(status, headers, content)
         retryable = status in RETRYABLE_STATUS
-        retry_after = parse_retry_after(resp.headers.get("Retry-After")) if retryable else None
-        text = resp.text[:500].strip()
+        retry_after = parse_retry_after(headers.get("Retry-After")) if retryable else None
+        text = content[:500].decode("utf-8", "replace").strip()
         return SendResult(False, retryable, status, retry_after, f"HTTP {status}: {text}")
 
-    def _success(self, resp: requests.Response) -> SendResult:
+    def _post(self, data: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        # Streamed so that an endpoint answering with a huge body cannot make the agent read it:
+        # at most MAX_RESPONSE_BYTES are read (an OTLP answer is a few bytes).
+        with self._session.post(self.endpoint, data=data, headers=self._headers, timeout=self.timeout,
+                                stream=True) as resp:
+            content = resp.raw.read(MAX_RESPONSE_BYTES, decode_content=True) or b""
+            return resp.status_code, resp.headers, content
+
+    def _success(self, status: int, headers: Mapping[str, str], content: bytes) -> SendResult:
         rejected, message = 0, ""
-        if resp.content and resp.headers.get("Content-Type", "").startswith(CONTENT_TYPE):
-            try:
-                answer = ExportMetricsServiceResponse.FromString(resp.content)
+        ctype = headers.get("Content-Type", "")
+        try:
+            if content and ctype.startswith(CONTENT_TYPE):
+                answer = ExportMetricsServiceResponse.FromString(content)
                 rejected = answer.partial_success.rejected_data_points
                 message = answer.partial_success.error_message
-            except Exception as exc:  # noqa: BLE001 - a malformed answer to an accepted batch
-                log.warning("collector answered %s with an unreadable body: %s", resp.status_code, exc)
-        elif resp.content and resp.headers.get("Content-Type", "").startswith("application/json"):
-            try:
-                doc = resp.json().get("partialSuccess") or {}
+            elif content and ctype.startswith("application/json"):
+                import json
+                doc = json.loads(content).get("partialSuccess") or {}
                 rejected = int(doc.get("rejectedDataPoints", 0))
                 message = doc.get("errorMessage", "")
-            except Exception:  # noqa: BLE001
-                pass
+        except Exception as exc:  # noqa: BLE001 - a malformed answer to an accepted batch
+            log.warning("collector answered %s with an unreadable body: %s", status, exc)
         if rejected or message:
             # Partial success is still success: the rest is stored and resending would not help.
             log.warning("collector rejected %d data points: %s", rejected, message)
-        return SendResult(True, False, resp.status_code, None, message, rejected)
+        return SendResult(True, False, status, None, message, rejected)
 
     def send_with_retry(self, body: bytes, max_attempts: int = 6, deadline_s: float | None = None) -> SendResult:
         """Send, retrying retryable failures with backoff (Retry-After wins) within deadline_s."""

@@ -211,19 +211,14 @@ class Shipper:
                 if self._deliver(body):
                     self.spool.remove(seq)
         # 2. new batches: straight to the collector only when nothing older waits
-        for i, body in enumerate(new):
-            if len(self.spool) == 0 and time.monotonic() >= self._retry_at:
-                if self._deliver(body):
-                    continue
-                if self.last_result_retryable:
-                    self._spool(body)
+        for body in new:
+            if len(self.spool) == 0 and time.monotonic() >= self._retry_at and self._deliver(body):
                 continue
             self._spool(body)
 
     def _deliver(self, body: bytes) -> bool:
         """Send once. True when the batch is finished with (sent, or rejected for good)."""
         result = self._send(body)
-        self.last_result_retryable = result.retryable
         if result.ok:
             self.counts["success"] += 1
             self._attempt = 0
@@ -246,7 +241,11 @@ class Shipper:
         return backoff_seconds(self._attempt, cap=self.max_backoff)
 
     def _spool(self, body: bytes) -> None:
-        if self.spool.append(body) is not None:
+        try:
+            seq = self.spool.append(body)
+        except OSError as exc:   # disk full, directory gone: this batch is lost, say so
+            self.spool.dropped += 1
+            log.error("cannot spool a batch (dropped): %s", exc)
+            return
+        if seq is not None:
             self.counts["spooled"] += 1
-
-    last_result_retryable = False

@@ -3,7 +3,7 @@
 It decodes every POST /v1/metrics body with opentelemetry-proto (so a malformed request is a
 400, as a real collector answers) and appends one JSON line per accepted request to a log
 file: {"seq": n, "points": [[otel_name, attributes, time_ns, value], ...]}. Scripted answers
-(status codes, Retry-After) come from the `answers` list, first in first out.
+(status codes, Retry-After, optionally a body) come from the `answers` list, first in first out.
 
 Used as a process by the outage test until the real collector (`shopfloor collector`) takes
 over; the test switches to the collector when it is importable.
@@ -64,8 +64,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._answer(401, b"unauthorized")
         with srv.lock:
             if srv.answers:
-                status, headers = srv.answers.pop(0)
-                return self._answer(status, b"scripted", headers)
+                status, headers, *body = srv.answers.pop(0)
+                return self._answer(status, body[0] if body else b"scripted", headers)
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         try:

@@ -30,6 +30,8 @@ def test_defaults():
     ({**MINIMAL, "sources": {"nvml": {"enabled": "no"}}}, "sources.nvml.enabled: expected true or false"),
     ({"labels": {"rack": "r1"}}, "labels.cluster: required"),
     ({"labels": {"cluster": "c", "bad-name": "x"}}, "labels.bad-name: not a valid label name"),
+    ({"labels": {"cluster": "c", "job": "x"}}, "labels.job: reserved"),
+    ({"labels": {"cluster": "c", "chip": "x"}}, "labels.chip: reserved"),
     ({**MINIMAL, "interval": "soon"}, "interval: expected a duration"),
     ({**MINIMAL, "interval": 0}, "interval: must be positive"),
     ({**MINIMAL, "spool_max_bytes": "lots"}, "spool_max_bytes: expected a size"),

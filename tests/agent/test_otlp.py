@@ -202,3 +202,14 @@ def test_encoding_equals_the_library_built_message():
             dps.append(dp)
         sm.metrics.append(metric)
     assert got == want
+
+
+def test_partial_success_is_success_with_the_rejected_count(receiver):
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+    answer = ExportMetricsServiceResponse()
+    answer.partial_success.rejected_data_points = 3
+    answer.partial_success.error_message = "3 series over the cardinality limit"
+    receiver.answers.append((200, {"Content-Type": "application/x-protobuf"}, answer.SerializeToString()))
+    res = OtlpSender(_url(receiver), headers={"Authorization": "Bearer s3cret"}).send(b"")
+    assert res.ok and not res.retryable and res.rejected_points == 3
+    assert "cardinality" in res.error

@@ -89,3 +89,18 @@ def test_xid_event_is_pushed_before_the_next_collection(tmp_path):
         agent.stop()
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_agent_that_cannot_bind_metrics_exits_with_the_reason(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(json.dumps({"labels": {"cluster": "c"}, "listen": f"127.0.0.1:{taken.getsockname()[1]}",
+                                   "collector_endpoint": "", "sources": {n: {"enabled": False} for n in
+                                   ("nvml", "dcgm", "neuron", "efa", "power", "xid")}}))
+        proc = subprocess.run([PYTHON, "-m", "shopfloor.cli", "agent", "--config", str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "shopfloor agent: cannot start:" in proc.stderr and "Address already in use" in proc.stderr
