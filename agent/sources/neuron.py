@@ -144,8 +144,13 @@ def accumulate(state: _State, report: dict) -> None:
                     key = (index, memory, etype)
                     state.ecc[key] = state.ecc.get(key, 0) + int(count)
     per_device = _cores_per_device(report)
-    for runtime in report.get("neuron_runtime_data") or []:
-        if not isinstance(runtime, dict) or runtime.get("error"):
+    runtimes = [r for r in report.get("neuron_runtime_data") or [] if isinstance(r, dict)]
+    # Forget runtimes that are gone, so a node running thousands of jobs keeps no history.
+    pids = {r.get("pid") for r in runtimes}
+    for key in [k for k in state.seen_groups if k[0] != "system" and k[0] not in pids]:
+        del state.seen_groups[key]
+    for runtime in runtimes:
+        if runtime.get("error"):
             continue
         stats = _group(runtime.get("report") or {}, "execution_stats")
         cores = _runtime_cores(runtime)
