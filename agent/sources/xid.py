@@ -199,6 +199,16 @@ class XidSource:
         return True, ""
 
     def _open(self) -> int:
+        if self._fd is not None and not self._is_device:
+            # A regular file that was rotated (replaced) is reopened; the sequence numbers keep
+            # the lines it shares with the old one from being counted twice.
+            try:
+                replaced = os.stat(self.kmsg_path).st_ino != os.fstat(self._fd).st_ino
+            except OSError:
+                replaced = False
+            if replaced:
+                os.close(self._fd)
+                self._fd = None
         if self._fd is None:
             self._fd = os.open(self.kmsg_path, os.O_RDONLY | os.O_NONBLOCK)
             self._is_device = stat.S_ISCHR(os.fstat(self._fd).st_mode)

@@ -158,3 +158,13 @@ def test_nvml_maps_bus_ids_when_given(tmp_path):
     bare = XidSource(KMSG, procfs).collect()
     assert sum(p.value for p in bare) == sum(EXPECTED.values())
     assert {p.attributes["chip"] for p in bare} == {""}
+
+
+def test_a_rotated_log_file_is_followed_without_double_counting(tmp_path, log):
+    src = XidSource(log, PROCFS, tmp_path / "state")
+    src.collect()
+    rotated = tmp_path / "kmsg.new"
+    shutil.copy(log, rotated)                       # the new file repeats the old records ...
+    append(rotated, "4,1216,8000000000,-;NVRM: Xid (PCI:0000:43:00): 31, pid=7, name=python3, MMU Fault")
+    os.replace(rotated, log)                        # ... and replaces it
+    assert counts(src.collect()) == {**EXPECTED, ("1", "31"): 1}
