@@ -19,6 +19,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from agent.catalog import catalog
 from tests.support import FIXTURES, PYTHON, ROOT, free_port, require_binary, running
 
@@ -90,3 +92,25 @@ def test_scrape_once_without_sources_prints_only_self_metrics(tmp_path):
     # no hardware is not an error: supported=0, and no success/duration series for them
     assert samples == [f'{supported}{{cluster="c",node="n",source="efa"}} 0.0',
                        f'{supported}{{cluster="c",node="n",source="power"}} 0.0']
+
+
+@pytest.mark.gpu
+def test_scrape_once_on_a_real_gpu(tmp_path):
+    """On a machine with an NVIDIA GPU and driver (`pytest -m gpu`): the real pynvml end to end."""
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text("labels: {cluster: gpu-test, node: real}\ncollector_endpoint: ''\nlisten: ''\n"
+                   f"state_dir: {tmp_path}/state\nspool_dir: {tmp_path}/spool\n"
+                   "sources: {dcgm: {enabled: false}, neuron: {enabled: false}, efa: {enabled: false}, "
+                   "power: {enabled: false}, xid: {enabled: false}}\n")
+    proc = subprocess.run([PYTHON, "-m", "shopfloor.cli", "agent", "scrape", "--once", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    supported = catalog().prom("shopfloor.agent.source.supported")
+    if f'{supported}{{cluster="gpu-test",node="real",source="nvml"}} 0.0' in proc.stdout:
+        pytest.skip("missing hardware: no NVIDIA GPU/driver visible to NVML")
+    ok = catalog().prom("shopfloor.agent.scrape.success")
+    assert f'{ok}{{cluster="gpu-test",node="real",source="nvml"}} 1.0' in proc.stdout, proc.stderr
+    assert re.search(rf'^{catalog().prom("hw.power")}{{chip="0",.*vendor="nvidia"}} [0-9.e+]+$', proc.stdout, re.M)
+    promtool = require_binary("promtool")
+    check = subprocess.run([promtool, "check", "metrics"], input=proc.stdout, capture_output=True, text=True, timeout=60)
+    assert check.returncode in (0, 3), check.stdout + check.stderr
