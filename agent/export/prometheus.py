@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable, Mapping
 
 from prometheus_client.core import CollectorRegistry, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from agent.catalog import catalog, prometheus_label
 from agent.sources.base import Point
@@ -25,6 +25,9 @@ from agent.sources.base import Point
 log = logging.getLogger(__name__)
 
 _DIGITS = re.compile(r"(\d+)")
+# Classic names and labels only, so the 0.0.4 text format every Prometheus parses (newer
+# prometheus_client versions default to announcing 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _natural(labels: Mapping[str, str]) -> tuple:
@@ -132,8 +135,7 @@ class MetricsServer:
                     return self._reply(401, b"unauthorized\n", "text/plain", {"WWW-Authenticate": "Bearer"})
                 if path == "/":
                     return self._reply(200, b'<a href="/metrics">metrics</a>\n', "text/html")
-                # Classic names and labels only, so the 0.0.4 text format every Prometheus parses.
-                self._reply(200, generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4)
+                self._reply(200, generate_latest(registry), CONTENT_TYPE)
 
             def _refuse(self):
                 self._reply(405, b"only GET /metrics\n", "text/plain", {"Allow": "GET"})
