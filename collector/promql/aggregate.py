@@ -134,10 +134,9 @@ def _select(ev, op, vec: Vector, groups, param, T) -> Vector:
         nan = np.isnan(V)
         # Sort key per step: NaN last for both; absent after everything.
         key = np.where(nan, np.inf, -V if op == "topk" else V)
-        order = np.lexsort((key, nan, ~P), axis=0) if False else None
-        idx = np.empty_like(V, dtype=np.int64)
-        for t in range(T):
-            idx[:, t] = np.lexsort((np.arange(len(rows)), key[:, t], nan[:, t], ~P[:, t]))
+        # One sort for all steps: by presence, then NaN last, then value; ties keep input order.
+        tie = np.broadcast_to(np.arange(len(rows))[:, None], V.shape)
+        idx = np.lexsort((tie, key, nan, ~P), axis=0)
         ranks = np.empty_like(idx)
         np.put_along_axis(ranks, idx, np.arange(len(rows))[:, None].repeat(T, axis=1), axis=0)
         keep[rows] = P & (ranks < k[None, :])

@@ -149,7 +149,7 @@ def call(ev, node, times):
     args = list(node.args)
     T = len(times)
 
-    if name in windows.EXTRAPOLATED or name in windows.SIMPLE:
+    if name in windows.FAST or name in windows.SIMPLE:
         nparams = windows.SIMPLE[name][2] if name in windows.SIMPLE else 0
         # quantile_over_time(q, v) has the scalar first; predict_linear(v, t) and
         # double_exponential_smoothing(v, sf, tf) have it after.
@@ -169,15 +169,15 @@ def call(ev, node, times):
             if np.isnan(q).any() or (q < 0).any() or (q > 1).any():
                 bad = q[np.isnan(q) | (q < 0) | (q > 1)][0]
                 ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad)}")
-        if name in windows.EXTRAPOLATED:
-            is_counter, is_rate = windows.EXTRAPOLATED[name]
-            fn, min_samples = windows.make_extrapolated(rv.range_ms, is_counter, is_rate), 2
-        else:
-            fn, min_samples, _ = windows.SIMPLE[name]
+        fn, min_samples, _ = windows.SIMPLE.get(name, (None, 1, 0))
         lo, hi = rv.windows()
         # Every sample of every window is touched once per step: count it like Prometheus does.
         ev.count_samples(int((hi - lo).sum()))
-        values, present = windows.apply(rv, fn, min_samples=min_samples, params=params)
+        quick = windows.fast(name, rv, params)
+        if quick is not None:
+            values, present = quick
+        else:
+            values, present = windows.apply(rv, fn, min_samples=min_samples, params=params)
         vec = Vector(rv.labels, values, present).drop_empty()
         if name in windows.KEEP_NAME:
             return vec

@@ -87,10 +87,6 @@ def sum_over_time(X, TS, M, c, p, e):
     return _kahan_sum(X, M)
 
 
-def count_over_time(X, TS, M, c, p, e):
-    return c.astype(float)
-
-
 def avg_over_time(X, TS, M, c, p, e):
     s = _kahan_sum(X, M)
     res = s / c
@@ -114,18 +110,6 @@ def min_over_time(X, TS, M, c, p, e):
 
 def max_over_time(X, TS, M, c, p, e):
     return _masked_extreme(X, M, -np.inf, np.fmax)
-
-
-def last_over_time(X, TS, M, c, p, e):
-    return _first_last(X, TS, M, c)[1]
-
-
-def first_over_time(X, TS, M, c, p, e):
-    return X[:, 0]
-
-
-def present_over_time(X, TS, M, c, p, e):
-    return np.ones(len(c))
 
 
 def _welford(X, M):
@@ -221,6 +205,23 @@ def _ts_of(pick):
     return fn
 
 
+def _ts_of(pick):
+    def fn(X, TS, M, c, p, e):
+        rows = np.arange(len(c))
+        if pick == "last":
+            idx = np.maximum(c - 1, 0)
+        elif pick == "first":
+            idx = np.zeros(len(c), dtype=np.int64)
+        else:
+            fill = np.inf if pick == "min" else -np.inf
+            Z = np.where(M & ~np.isnan(X), X, fill)
+            # the last occurrence of the extreme value, as Prometheus' <= / >= scan keeps it
+            rev = Z[:, ::-1]
+            idx = Z.shape[1] - 1 - (rev.argmin(axis=1) if pick == "min" else rev.argmax(axis=1))
+        return TS[rows, idx] / 1000.0
+    return fn
+
+
 def changes(X, TS, M, c, p, e):
     prev, cur = X[:, :-1], X[:, 1:]
     changed = ~((cur == prev) | (np.isnan(cur) & np.isnan(prev)))
@@ -229,51 +230,6 @@ def changes(X, TS, M, c, p, e):
 
 def resets(X, TS, M, c, p, e):
     return ((X[:, 1:] < X[:, :-1]) & M[:, 1:]).sum(axis=1).astype(float)
-
-
-def make_extrapolated(range_ms: int, is_counter: bool, is_rate: bool):
-    """rate / increase / delta with Prometheus' extrapolation to the window's boundaries."""
-
-    def fn(X, TS, M, c, p, ends):
-        first_v, last_v, first_t, last_t, rows, last = _first_last(X, TS, M, c)
-        result = last_v - first_v
-        if is_counter:
-            drops = (X[:, 1:] < X[:, :-1]) & M[:, 1:]
-            result = result + np.where(drops, X[:, :-1], 0.0).sum(axis=1)
-        range_start = ends - range_ms
-        to_start = (first_t - range_start) / 1000.0
-        to_end = (ends - last_t) / 1000.0
-        sampled = (last_t - first_t) / 1000.0
-        avg_gap = sampled / np.maximum(c - 1, 1)
-        threshold = avg_gap * 1.1
-        to_start = np.where(to_start >= threshold, avg_gap / 2, to_start)
-        if is_counter:
-            to_zero = np.where((result > 0) & (first_v >= 0), sampled * (first_v / result), to_start)
-            to_start = np.minimum(to_start, to_zero)
-        to_end = np.where(to_end >= threshold, avg_gap / 2, to_end)
-        factor = (sampled + to_start + to_end) / sampled
-        if is_rate:
-            factor = factor / (range_ms / 1000.0)
-        return result * factor
-
-    return fn
-
-
-def make_instant(is_rate: bool):
-    """irate / idelta: from the last two samples of the window."""
-
-    def fn(X, TS, M, c, p, e):
-        rows = np.arange(len(c))
-        last = np.maximum(c - 1, 0)
-        prev = np.maximum(c - 2, 0)
-        lv, pv = X[rows, last], X[rows, prev]
-        if not is_rate:
-            return lv - pv
-        dt = (TS[rows, last] - TS[rows, prev]) / 1000.0
-        diff = np.where(lv < pv, lv, lv - pv)
-        return diff / dt
-
-    return fn
 
 
 def _regression(X, TS, M, c, intercept_ts):
@@ -324,32 +280,104 @@ def double_exponential_smoothing(X, TS, M, c, p, e):
     return out
 
 
+def _pairs_prefix(rv: RangeVector, indicator) -> np.ndarray:
+    """Inclusive prefix sums of indicator(prev, cur) over consecutive samples of one series."""
+    v = rv.values
+    contrib = np.zeros(len(v))
+    if len(v) > 1:
+        c = indicator(v[:-1], v[1:])
+        # pairs that straddle two series do not count
+        first_of_series = np.zeros(len(v), dtype=bool)
+        first_of_series[rv.offsets[:-1][rv.offsets[:-1] < len(v)]] = True
+        contrib[1:] = np.where(first_of_series[1:], 0.0, c)
+    return np.cumsum(contrib)
+
+
+def fast(name: str, rv: RangeVector, params: list):
+    """Functions that need only the window's ends and prefix sums: no gathering.
+
+    Returns (values, present) or None when `name` has no fast path. These are exact or
+    (rate's counter-reset correction) a difference of prefix sums that holds integers and a few
+    reset values, so they agree with the gathered path within far less than promqltest's 1e-6.
+    """
+    if name not in FAST:
+        return None
+    lo, hi = rv.windows()
+    cnt = hi - lo
+    v, ts = rv.values, rv.ts
+    if len(v) == 0:
+        return np.zeros(cnt.shape), np.zeros(cnt.shape, dtype=bool)
+    last = np.clip(hi - 1, 0, len(v) - 1)
+    first = np.clip(lo, 0, len(v) - 1)
+    with np.errstate(all="ignore"):
+        if name == "count_over_time":
+            return cnt.astype(float), cnt > 0
+        if name == "present_over_time":
+            return np.ones(cnt.shape), cnt > 0
+        if name == "last_over_time":
+            return v[last], cnt > 0
+        if name == "first_over_time":
+            return v[first], cnt > 0
+        if name in ("resets", "changes"):
+            if name == "resets":
+                pref = _pairs_prefix(rv, lambda a, b: (b < a).astype(float))
+            else:
+                pref = _pairs_prefix(rv, lambda a, b: (~((a == b) | (np.isnan(a) & np.isnan(b)))).astype(float))
+            return np.where(cnt > 0, pref[last] - pref[first], 0.0), cnt > 0
+        if name in ("irate", "idelta"):
+            prev = np.clip(hi - 2, 0, len(v) - 1)
+            lv, pv = v[last], v[prev]
+            if name == "idelta":
+                return lv - pv, cnt >= 2
+            dt = (ts[last] - ts[prev]) / 1000.0
+            return np.where(lv < pv, lv, lv - pv) / dt, cnt >= 2
+        is_counter, is_rate = EXTRAPOLATED[name]
+        first_v, last_v = v[first], v[last]
+        first_t, last_t = ts[first], ts[last]
+        result = last_v - first_v
+        if is_counter:
+            pref = _pairs_prefix(rv, lambda a, b: np.where(b < a, a, 0.0))
+            result = result + (pref[last] - pref[first])
+        ends = np.broadcast_to(rv.ends, cnt.shape)
+        c = cnt.astype(float)
+        range_start = ends - rv.range_ms
+        to_start = (first_t - range_start) / 1000.0
+        to_end = (ends - last_t) / 1000.0
+        sampled = (last_t - first_t) / 1000.0
+        avg_gap = sampled / np.maximum(c - 1, 1)
+        threshold = avg_gap * 1.1
+        to_start = np.where(to_start >= threshold, avg_gap / 2, to_start)
+        if is_counter:
+            to_zero = np.where((result > 0) & (first_v >= 0), sampled * (first_v / result), to_start)
+            to_start = np.minimum(to_start, to_zero)
+        to_end = np.where(to_end >= threshold, avg_gap / 2, to_end)
+        factor = (sampled + to_start + to_end) / sampled
+        if is_rate:
+            factor = factor / (rv.range_ms / 1000.0)
+        return result * factor, cnt >= 2
+
+
 # name -> (function, minimum samples, number of leading scalar parameters)
 SIMPLE = {
     "sum_over_time": (sum_over_time, 1, 0),
-    "count_over_time": (count_over_time, 1, 0),
     "avg_over_time": (avg_over_time, 1, 0),
     "min_over_time": (min_over_time, 1, 0),
     "max_over_time": (max_over_time, 1, 0),
-    "last_over_time": (last_over_time, 1, 0),
-    "first_over_time": (first_over_time, 1, 0),
-    "present_over_time": (present_over_time, 1, 0),
     "stddev_over_time": (stddev_over_time, 1, 0),
     "stdvar_over_time": (stdvar_over_time, 1, 0),
     "quantile_over_time": (quantile_over_time, 1, 1),
     "mad_over_time": (mad_over_time, 1, 0),
-    "changes": (changes, 1, 0),
-    "resets": (resets, 1, 0),
     "deriv": (deriv, 2, 0),
     "predict_linear": (predict_linear, 2, 1),
     "ts_of_min_over_time": (_ts_of("min"), 1, 0),
     "ts_of_max_over_time": (_ts_of("max"), 1, 0),
     "ts_of_first_over_time": (_ts_of("first"), 1, 0),
     "ts_of_last_over_time": (_ts_of("last"), 1, 0),
-    "irate": (make_instant(True), 2, 0),
-    "idelta": (make_instant(False), 2, 0),
     "double_exponential_smoothing": (double_exponential_smoothing, 2, 2),
 }
 EXTRAPOLATED = {"rate": (True, True), "increase": (True, False), "delta": (False, False)}
+# Computed from window ends and prefix sums only (see fast()): no gathering needed.
+FAST = {"rate", "increase", "delta", "irate", "idelta", "count_over_time", "last_over_time",
+        "present_over_time", "resets", "changes", "first_over_time"}
 # Functions over a range vector that keep the metric name.
 KEEP_NAME = {"last_over_time", "first_over_time"}
