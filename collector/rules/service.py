@@ -10,6 +10,13 @@ Config section `rules` of the collector's YAML:
       resend_delay: 1m                   # Prometheus' --rules.alert.resend-delay
       external_url: http://collector.example:9600   # generatorURL prefix (default: the listen address)
       external_labels: {site: dc1}       # added to alerts sent to Alertmanager
+      self_metrics: true                 # store the collector's own catalog metrics every interval
+
+Self-metrics: the pipeline alerts (ingest failing, shedding, rule failures, notification
+failures) query the collector's own counters, which live on its /metrics registry, not in the
+store. With self_metrics on, every `interval` the samples of catalog metrics on ctx.registry are
+written through the single ingest path (Writer.write) with job="shopfloor-collector" and
+instance=<listen address>, so the collector's rules, dashboards and SQL see them like any series.
 
 make_router(ctx) loads the files (a bad file stops the collector's start with the file named),
 schedules one apscheduler job per group on ctx.scheduler, and serves GET /api/v1/rules and
@@ -19,6 +26,7 @@ GET /api/v1/alerts in Prometheus' JSON format, which Grafana's alerting view rea
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
@@ -35,7 +43,7 @@ from collector.rules.loader import load_rule_files
 log = logging.getLogger("shopfloor.rules")
 
 _KEYS = {"rule_files", "interval", "alertmanager_url", "alertmanager_timeout", "resend_delay",
-         "external_url", "external_labels"}
+         "external_url", "external_labels", "self_metrics"}
 
 
 @dataclass
@@ -47,6 +55,7 @@ class RulesConfig:
     resend_delay_s: float = 60.0
     external_url: str = ""
     external_labels: dict[str, str] = field(default_factory=dict)
+    self_metrics: bool = True
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> "RulesConfig":
@@ -76,6 +85,10 @@ class RulesConfig:
         if not isinstance(labels, Mapping):
             raise ConfigError("rules.external_labels: must be a mapping")
         cfg.external_labels = {str(k): str(v) for k, v in labels.items()}
+        flag = section.get("self_metrics", True)
+        if not isinstance(flag, bool):
+            raise ConfigError("rules.self_metrics: must be true or false")
+        cfg.self_metrics = flag
         return cfg
 
 
@@ -110,10 +123,28 @@ def build_manager(ctx) -> RuleManager:
         on_notify_failure=lambda n: failed_notifications.inc(n))
 
 
+def record_self_metrics(ctx, now_s: float | None = None):
+    """Write the collector's own catalog metrics (ctx.registry) into the store once."""
+    cat = catalog()
+    labels = {"job": "shopfloor-collector", "instance": ctx.config.listen}
+    ts_ms = int((time.time() if now_s is None else now_s) * 1000)
+    rows = []
+    for family in ctx.registry.collect():
+        for sample in family.samples:
+            if cat.by_prom_name(sample.name) is not None:
+                rows.append((sample.name, {**sample.labels, **labels}, ts_ms, float(sample.value)))
+    return ctx.writer.write(rows)
+
+
 def make_router(ctx) -> APIRouter:
+    cfg = RulesConfig.from_section(ctx.config.rules)
     manager = build_manager(ctx)
     ctx.extras["rules"] = manager
     start = datetime.now(timezone.utc) + timedelta(seconds=1)
+    if cfg.self_metrics:
+        ctx.scheduler.add_job(record_self_metrics, "interval", seconds=cfg.interval_s, args=[ctx],
+                              id="rules:self-metrics", name="collector self-metrics",
+                              max_instances=1, coalesce=True, next_run_time=start)
     for i, group in enumerate(manager.groups):
         ctx.scheduler.add_job(manager.evaluate, "interval", seconds=group.interval_s, args=[group],
                               id=f"rules:{i}:{group.name}", name=f"rule group {group.name}",

@@ -191,3 +191,27 @@ def test_template_subset_matches_prometheus_formatting():
     assert _go_e(0.05) == "5e-02"
     with pytest.raises(TemplateError):
         Template("{{ $value | title }}")
+
+
+def test_collector_self_metrics_feed_the_pipeline_alerts():
+    """The collector stores its own counters, so ShopfloorCollectorIngestFailing can fire in it."""
+    from collector.app import make_context
+    from collector.config import from_dict
+    from collector.rules.service import build_manager, record_self_metrics
+
+    ctx = make_context(from_dict({"db": ":memory:",
+                                  "rules": {"rule_files": [str(ROOT / "alerts" / "shopfloor.yaml")]}}))
+    manager = build_manager(ctx)
+    group = next(g for g in manager.groups if g.name == "shopfloor-pipeline")
+    rule = next(r for r in group.rules if r.name == "ShopfloorCollectorIngestFailing")
+    requests = ctx.ingest_metrics.requests
+    for i in range(30):                        # 15 minutes at 30 s: 20 of every 110 requests fail
+        requests.labels("otlp", "200").inc(90)
+        requests.labels("otlp", "500").inc(20)
+        assert record_self_metrics(ctx, T0 + 30 * i).accepted >= 2
+        manager.evaluate(group, T0 + 30 * i)
+    assert rule.state() == "firing"
+    alert = manager.active_alerts()[0]
+    assert alert["labels"]["job"] == "shopfloor-collector" and alert["labels"]["protocol"] == "otlp"
+    assert alert["annotations"]["summary"] == "Collector fails 18.18% of otlp ingest requests"
+    ctx.store.close()
