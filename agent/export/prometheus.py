@@ -92,6 +92,12 @@ class LatestCollection:
         with self._lock:
             self._points = list(points)
 
+    @property
+    def points(self) -> list[Point]:
+        """The last collection (a new list is set by each update, so this one stays as is)."""
+        with self._lock:
+            return self._points
+
     def collect(self):
         with self._lock:
             points = self._points

@@ -86,7 +86,7 @@ def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], A
         agent.start()
         _collect(agent, 4, produced)
         # the agent reports its own spool while it waits
-        spooled = [p for p in agent.latest._points if p.name == "shopfloor.agent.spool.batches"]
+        spooled = [p for p in agent.latest.points if p.name == "shopfloor.agent.spool.batches"]
         assert spooled and spooled[0].value >= 8
 
         proc = start_receiver()                       # the collector is back

@@ -125,3 +125,53 @@ def test_agent_metrics_follow_collections(tmp_path):
         assert f'{power}{{chip="0"' in _get(url)[2]
     finally:
         agent.stop()
+
+
+def test_real_prometheus_scrapes_the_agent(tmp_path):
+    """Prometheus (the real server) scrapes /metrics with the bearer token and stores exactly the
+    series and values the agent exposes."""
+    import json
+    import subprocess
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support import FIXTURES, free_port, require_binary, running
+
+    prometheus = require_binary("prometheus")
+    cfg = parse({"labels": RESOURCE, "listen": f"127.0.0.1:{free_port()}", "metrics_token": "prom-token",
+                 "collector_endpoint": "", "sysfs_root": str(FIXTURES / "sysfs"),
+                 "ipmitool_command": [str(FIXTURES / "ipmitool" / "fake-ipmitool")],
+                 "spool_dir": str(tmp_path / "s"), "state_dir": str(tmp_path / "st"),
+                 "sources": {n: {"enabled": False} for n in ("nvml", "dcgm", "neuron", "xid")}}, env={})
+    agent = Agent(cfg)
+    agent.start()
+    agent.collect_once()
+    exposed = {}
+    for fam in text_string_to_metric_families(render(agent.latest.points, RESOURCE)):
+        for s in fam.samples:
+            exposed[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "agent", "authorization": {"credentials": "prom-token"},
+                            "static_configs": [{"targets": [cfg.listen]}]}]}))
+    cmd = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+           f"--web.listen-address=127.0.0.1:{port}"]
+    try:
+        with running(cmd, ready_url=f"http://127.0.0.1:{port}/-/ready", log=tmp_path / "prometheus.log"):
+            deadline = time.monotonic() + 30
+            stored = {}
+            while time.monotonic() < deadline and len(stored) < len(exposed):
+                time.sleep(0.5)
+                url = f"http://127.0.0.1:{port}/api/v1/query?query=" + urllib.request.quote('{job="agent",__name__!~"up|scrape_.*"}')
+                result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+                stored = {}
+                for r in result:
+                    labels = {k: v for k, v in r["metric"].items() if k not in ("job", "instance", "__name__")}
+                    stored[(r["metric"]["__name__"], tuple(sorted(labels.items())))] = float(r["value"][1])
+            up = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query=up", timeout=5))
+    finally:
+        agent.stop()
+    assert up["data"]["result"][0]["value"][1] == "1"       # scraped with the token
+    assert len(exposed) > 100 and stored == exposed
