@@ -18,8 +18,8 @@ XID events: start_events(sink) registers every GPU for nvmlEventTypeXidCriticalE
 in a thread with nvmlEventSetWait (500 ms, NVMLError_Timeout is the normal "nothing happened");
 each event bumps a cumulative hw.gpu.xid.errors{chip,xid} that is pushed through the sink at once
 and reported by later collect() calls. The xid source (kernel log) counts the same events with
-the same labels, so the agent should start NVML events only where the kernel log cannot be read
-(xid_events=False turns them off).
+the same labels, so by default (xid_events=None) an NVML event is counted only while no XidSource
+in this process is reading the kernel log; True always counts them, False never starts them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.sources.base import EventSink, Point, point
+from agent.sources.xid import kernel_log_followed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def field_value(entry: Any) -> float | None:
 class NvmlSource:
     name = "nvml"
 
-    def __init__(self, nvml: Any = None, xid_events: bool = True):
+    def __init__(self, nvml: Any = None, xid_events: bool | None = None):
         if nvml is None:
             import pynvml as nvml  # the agent's dependency nvidia-ml-py
         self.nvml = nvml
@@ -173,6 +174,8 @@ class NvmlSource:
         for why in self.lost.values():
             log.error("nvml: %s", why)
         with self._xid_lock:
+            if self._kernel_log_counts_xids():
+                return points
             by_index = {g.index: g for g in gpus}
             for (index, xid), count in sorted(self._xid_counts.items()):
                 if index in by_index:
@@ -277,7 +280,7 @@ class NvmlSource:
 
     # ------------------------------------------------------------------ XID events
     def start_events(self, sink: EventSink) -> None:
-        if not self.xid_events or self._thread is not None or not self._init():
+        if self.xid_events is False or self._thread is not None or not self._init():
             return
         nv = self.nvml
         gpus = self._discover()
@@ -320,6 +323,8 @@ class NvmlSource:
                     continue
                 if not data.eventType & nv.nvmlEventTypeXidCriticalError:
                     continue
+                if self._kernel_log_counts_xids():
+                    continue  # the xid source counts (and pushes) this one from the kernel log
                 # The event's device handle is a fresh object; its uuid identifies the GPU.
                 try:
                     gpu = by_uuid.get(_text(nv.nvmlDeviceGetUUID(data.device)))
@@ -341,6 +346,9 @@ class NvmlSource:
                 nv.nvmlEventSetFree(event_set)
             except nv.NVMLError:
                 pass
+
+    def _kernel_log_counts_xids(self) -> bool:
+        return self.xid_events is None and kernel_log_followed()
 
     def close(self) -> None:
         self.stop_events()

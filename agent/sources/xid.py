@@ -33,6 +33,7 @@ import re
 import select
 import stat
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,15 @@ from agent.sources.base import EventSink, Point, point
 _XID = re.compile(
     r"NVRM: Xid \((?:PCI:)?([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})(?:\.[0-9a-fA-F])?\): (\d+)")
 STATE_FILE = "xid-state.json"
+
+# XidSources of this process that are reading the kernel log. NvmlSource's XID events count the
+# same errors under the same labels, so by default it stands aside while one of these reads.
+_following: "weakref.WeakSet[XidSource]" = weakref.WeakSet()
+
+
+def kernel_log_followed() -> bool:
+    """True while an XidSource in this process reads the kernel log successfully."""
+    return any(src.following for src in list(_following))
 _READ_SIZE = 8192  # the kernel's maximum record size is 1 KiB of text plus dictionary lines
 
 
@@ -149,6 +159,8 @@ class XidSource:
         self._counts: dict[tuple[str, int], int] = {}   # (bus key, xid) -> count
         self._load_state()
         self._stop = threading.Event()
+        self.following = False          # the last read of the kernel log succeeded
+        _following.add(self)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ state
@@ -217,6 +229,15 @@ class XidSource:
 
     def _read_lines(self) -> list[str]:
         """Every complete record line not read before (non-blocking)."""
+        try:
+            lines = self._read_new()
+        except OSError:
+            self.following = False
+            raise
+        self.following = True
+        return lines
+
+    def _read_new(self) -> list[str]:
         fd = self._open()
         lines: list[str] = []
         if self._is_device:
@@ -347,3 +368,4 @@ class XidSource:
     def close(self) -> None:
         self.stop_events()
         self._close()
+        self.following = False

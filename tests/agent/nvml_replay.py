@@ -195,6 +195,11 @@ class NvmlReplay:
             self._events.append((time.monotonic(), index, xid))
             self._events.sort()
 
+    def events_delivered(self) -> bool:
+        """True once waiting has begun and every recorded/pushed event has been handed out."""
+        with self._lock:
+            return self._first_wait is not None and not self._events
+
     def nvmlEventSetWait(self, event_set, timeout_ms):
         now = time.monotonic()
         with self._lock:

@@ -141,7 +141,7 @@ def test_an_unexpected_nvml_error_is_recorded_not_raised():
 
 
 def test_xid_events_are_pushed_at_once_and_counted():
-    src = NvmlSource(nvml=NvmlReplay(copy.deepcopy(RECORDING)))
+    src = NvmlSource(nvml=NvmlReplay(copy.deepcopy(RECORDING)), xid_events=True)
     got, done = [], threading.Event()
 
     def sink(points):
@@ -194,3 +194,36 @@ def test_the_real_pynvml_without_a_driver_says_not_supported():
         pytest.skip("an NVIDIA driver is present: tests/agent/test_source_nvml_gpu.py covers it (-m gpu)")
     ok, why = NvmlSource().supported()          # nvml=None: the source imports pynvml itself
     assert not ok and "needs an NVIDIA GPU and driver (libnvidia-ml)" in why
+
+
+def test_by_default_nvml_leaves_xids_to_a_kernel_log_source(tmp_path):
+    """Both would count the same XIDs under the same labels: one counter per node."""
+    from agent.sources.xid import XidSource
+
+    kernel_log = XidSource(FIXTURES / "kmsg" / "kmsg.log", FIXTURES / "procfs", tmp_path)
+    kernel_log.collect()                      # reading the kernel log
+    replay = NvmlReplay(copy.deepcopy(RECORDING))
+    src = NvmlSource(nvml=replay)             # xid_events=None: auto
+    got: list = []
+    src.start_events(got.extend)
+    try:
+        deadline = time.monotonic() + 10
+        while not replay.events_delivered() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert replay.events_delivered()
+        time.sleep(0.1)
+    finally:
+        src.stop_events()
+    assert got == []
+    assert not any(p.name == "hw.gpu.xid.errors" for p in src.collect())
+    # Once the kernel log is not read any more, NVML's events count.
+    kernel_log.close()
+    replay.push_event(6, 74)
+    src.start_events(got.extend)
+    try:
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        src.stop_events()
+    assert [(p.attributes["chip"], p.attributes["xid"], p.value) for p in got] == [("6", "74", 1.0)]
