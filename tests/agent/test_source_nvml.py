@@ -130,6 +130,12 @@ def test_a_lost_gpu_keeps_the_other_gpus_data():
     assert "5" not in {p.attributes["chip"] for p in points if p.name != "hw.gpu.info"}
     assert {p.attributes["chip"] for p in points} >= {"0", "1", "2", "3", "4", "6", "7"}
     assert list(src.lost) == [5] and UUID[5] in src.lost[5] and "lost" in src.lost[5]
+    # Lost before its identity could be read (every call raises): the same, found at discovery.
+    doc = copy.deepcopy(RECORDING)
+    doc["devices"][2]["error"] = "GpuIsLost"
+    src, points = collect(doc)
+    assert {p.attributes["chip"] for p in points} == {"0", "1", "3", "4", "5", "6", "7"}
+    assert list(src.lost) == [2] and "GPU is lost" in src.lost[2]
 
 
 def test_an_unexpected_nvml_error_is_recorded_not_raised():
