@@ -53,7 +53,7 @@ def validate_chip(chip: str) -> str:
     return chip
 
 
-def clean_reason(reason: str, limit: int = 200) -> str:
+def clean_reason(reason: str, limit: int = 400) -> str:
     """One printable line starting with "shopfloor:", short enough for every scheduler."""
     text = " ".join("".join(c if c.isprintable() else " " for c in reason).split())
     if not text.startswith(REASON_PREFIX):
