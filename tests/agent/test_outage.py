@@ -34,7 +34,7 @@ def _config(tmp_path: Path, port: int):
         "sysfs_root": str(FIXTURES / "sysfs"),
         "ipmitool_command": [str(FIXTURES / "ipmitool" / "fake-ipmitool")],
         "collector_endpoint": f"http://127.0.0.1:{port}/v1/metrics",
-        "export_timeout": "2s",
+        "export_timeout": "10s",     # a loaded CI machine can take seconds to commit a batch
         "interval": "200ms",          # also caps the retry backoff at 1 s
         "listen": "",
         "spool_dir": str(tmp_path / "spool"),
@@ -73,7 +73,7 @@ def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], A
     agent.start()
     try:
         _collect(agent, 5, produced)
-        assert agent.shipper.wait_idle(20), agent.shipper.last_error
+        assert agent.shipper.wait_idle(60), agent.shipper.last_error
         assert agent.shipper.counts["success"] == 5
 
         stop(proc)                                    # the collector goes away
@@ -90,9 +90,9 @@ def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], A
         assert spooled and spooled[0].value >= 8
 
         proc = start_receiver()                       # the collector is back
-        assert agent.shipper.wait_idle(30), agent.shipper.last_error
+        assert agent.shipper.wait_idle(90), agent.shipper.last_error
         _collect(agent, 3, produced)
-        assert agent.shipper.wait_idle(20)
+        assert agent.shipper.wait_idle(60)
         assert agent.shipper.spool.bytes == 0
     finally:
         agent.stop()
