@@ -64,7 +64,7 @@ class Remediator:
         self._inventory_at = float("-inf")
         self.lock = threading.RLock()
         self.counts: Counter[tuple[str, str]] = Counter()
-        self._last_audit: dict[str, tuple[str, str, tuple[str, ...], float]] = {}
+        self._last_audit: dict[str, tuple[str, str, str, float]] = {}   # chip -> (action, outcome, kind, ts)
         self._was_tripped: set[str] = set()
         self._was_cordoned: set[tuple] = set()
 
@@ -129,7 +129,7 @@ class Remediator:
             held = None   # a record from the other mode (dry-run before going live) does not count
         if v.source == "fate-sharing" or (v.action == Action.RESTART_APP and v.state in OUT_OF_SERVICE_STATES):
             return self._refuse(now, chip, [*v.reasons, "fate-sharing event: an application or fabric "
-                                            "problem, not a bad chip; no cordon"], {})
+                                            "problem, not a bad chip; no cordon"], {}, kind="fate-sharing")
         if self._wants_out(v):
             if held is not None and held.healthy_since is not None:
                 held.healthy_since = None
@@ -139,11 +139,12 @@ class Remediator:
             if v.job in storm_jobs:
                 return self._refuse(now, chip, [*v.reasons, f"job {v.job} reports the same trouble on "
                                                 f"{self.storm_nodes} or more nodes at once: treated as "
-                                                "fate-sharing; no cordon"], {})
+                                                "fate-sharing; no cordon"], {}, kind="storm")
             age = now - v.observed_at
             if self.budget.is_stale(v, now):
                 return self._refuse(now, chip, [*v.reasons, f"stale data: newest sample is {age:.0f}s old "
-                                                f"(limit {self.budget.config.max_age_s:.0f}s); no cordon"], {})
+                                                f"(limit {self.budget.config.max_age_s:.0f}s); no cordon"], {},
+                                    kind="stale")
             return self._cordon(v, held, now)
         if held is None:
             return None
@@ -169,7 +170,8 @@ class Remediator:
                                                self._new_last_hour(now))
             state.update(check.state)
             if not check.allowed:
-                return self._refuse(now, chip, [*v.reasons, *check.reasons, "no cordon"], state)
+                return self._refuse(now, chip, [*v.reasons, *check.reasons, "no cordon"], state,
+                                    kind="budget:" + ",".join(check.tripped))
         record = Cordon(chip.cluster, chip.node, chip.chip, chip.uuid, chip.rack, self.backend.name,
                         "cordoned", self.dry_run, now, chip_reason)
         reasons = [*v.reasons, f"source: {v.source}" + (f", risk {v.risk:.2f}" if v.risk is not None else "")]
@@ -181,14 +183,14 @@ class Remediator:
             result = self.backend.cordon(chip, node_reason)
         except (BackendError, ValueError) as exc:
             return self._refuse(now, chip, [*reasons, f"{self.backend.name} failed: {exc}"], state,
-                                outcome="failed")
+                                outcome="failed", kind="failed")
         if result == Result.HELD_BY_OTHER:
             if held is None:
                 record.state = "held_by_other"
                 self.audit.put(record)
             return self._refuse(now, chip, [*reasons, "the node is already held by someone else; "
                                             "their hold and reason are left as they are"], state,
-                                outcome="held_by_other")
+                                outcome="held_by_other", kind="held_by_other")
         self.audit.put(record)
         outcome = "done" if new_hold else "already"
         if not new_hold:
@@ -254,21 +256,23 @@ class Remediator:
         return self._record(now, chip, action, outcome, False, reasons, actor=actor)
 
     # ------------------------------------------------------------------ audit and metrics
-    def _refuse(self, now: float, chip: ChipRef, reasons: list[str], state: dict,
+    def _refuse(self, now: float, chip: ChipRef, reasons: list[str], state: dict, *, kind: str,
                 outcome: str = "refused") -> Decision | None:
-        """Audit a refusal, unless the same one was audited for this chip recently."""
+        """Audit a refusal, unless one of the same kind was audited for this chip recently
+        (the kind, not the text: the text carries ages and counts that change every time)."""
         last = self._last_audit.get(chip.key)
-        sig = ("cordon", outcome, tuple(reasons))
-        if last is not None and last[:3] == sig and now - last[3] < self.repeat_audit_s:
+        if last is not None and last[:3] == ("cordon", outcome, kind) and now - last[3] < self.repeat_audit_s:
             return None
-        return self._record(now, chip, "cordon", outcome, self.dry_run, reasons, state)
+        d = self._record(now, chip, "cordon", outcome, self.dry_run, reasons, state)
+        self._last_audit[chip.key] = ("cordon", outcome, kind, now)
+        return d
 
     def _record(self, now: float, chip: ChipRef, action: str, outcome: str, dry_run: bool,
                 reasons: list[str], state: dict | None = None, *, actor: str = "shopfloor") -> Decision:
         d = Decision(now, chip.cluster, chip.node, chip.chip, action, outcome, dry_run, self.backend.name,
                      list(reasons), dict(state or {}), actor)
         self.audit.record(d)
-        self._last_audit[chip.key] = (action, outcome, tuple(reasons), now)
+        self._last_audit[chip.key] = (action, outcome, "", now)
         self.counts[(action, outcome)] += 1
         return d
 
