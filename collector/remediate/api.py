@@ -81,6 +81,7 @@ def make_router(ctx) -> APIRouter:
 
     router = APIRouter()
     audit = Audit(ctx.store)
+    remediator_for(ctx)   # build it now: a bad `remediation:` section fails at start-up, not at 3 am
 
     @router.get("/api/v1/cordons")
     def cordons() -> JSONResponse:

@@ -170,3 +170,23 @@ def test_scontrol_failure_is_audited_as_failed_and_holds_nothing(slurm, backend)
     [d] = rem.apply([failing("gpu-999", at=NOW + 1)], now=NOW + 1)
     assert d.outcome == "failed" and "slurm failed" in " ".join(d.reasons)
     assert rem.audit.cordons() == []
+
+
+def test_verdict_from_the_health_xid_table_and_two_chips_on_one_node(slurm, backend):
+    from collector.health.verdict import Verdict
+    from collector.health.xid import classify
+    rem = make(backend)
+    xid79, xid48 = classify(79), classify(48)     # the health layer's reconciled XID table
+    v79 = Verdict(chip("gpu-002", "1"), xid79.state, xid79.action, (xid79.reason,), "rule", NOW)
+    v48 = Verdict(chip("gpu-002", "6"), xid48.state, xid48.action, (xid48.reason,), "rule", NOW + 1)
+    assert [d.outcome for d in rem.apply([v79], now=NOW + 1)] == ["done"]
+    assert [d.outcome for d in rem.apply([v48], now=NOW + 2)] == ["already"]
+    reason = drained(slurm, "gpu-002")[1]
+    assert reason.startswith("shopfloor: chip 6 (GPU-gpu-002-6): XID 48: double-bit ECC error; "
+                             "chip 1 (GPU-gpu-002-1): XID 79: GPU has fallen off the bus")
+    # releasing chip 1 keeps the node drained for chip 6, with chip 6's reason only
+    d = rem.mark_healthy("c1", "gpu-002", "1", by="ops", now=NOW + 3)
+    assert d.outcome == "done" and "node stays held for chip(s) 6" in d.reasons
+    assert drained(slurm, "gpu-002") == (True, "shopfloor: chip 6 (GPU-gpu-002-6): XID 48: double-bit ECC error")
+    rem.mark_healthy("c1", "gpu-002", "6", by="ops", now=NOW + 4)
+    assert drained(slurm, "gpu-002") == (False, "")
