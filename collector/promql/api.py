@@ -118,8 +118,24 @@ def result_json(res: Result) -> dict:
         return {"resultType": "vector",
                 "result": [{"metric": lb, "value": _sample(res.time_s, v)} for lb, v in res.value]}
     return {"resultType": "matrix",
-            "result": [{"metric": lb, "values": [[int(t) / 1000, format_value(float(v))] for t, v in zip(ts, vs)]}
+            "result": [{"metric": lb, "values": list(zip((ts / 1000).tolist(), format_values(vs)))}
                        for lb, ts, vs in res.value]}
+
+
+def format_values(values: np.ndarray) -> list[str]:
+    """format_value over an array, vectorised for the common case.
+
+    Python's repr of a float in [1e-4, 1e16) is already Go's shortest 'f' form (modulo a
+    trailing ".0"); only the rest (exponents, NaN, Inf) goes through format_value.
+    """
+    lst = values.tolist()
+    out = [s[:-2] if s.endswith(".0") else s for s in map(repr, lst)]
+    with np.errstate(invalid="ignore"):
+        mag = np.abs(values)
+        special = ~np.isfinite(values) | (mag >= 1e16) | ((mag < 1e-4) & (values != 0))
+    for i in np.flatnonzero(special):
+        out[i] = format_value(lst[i])
+    return out
 
 
 class QueryAPI:

@@ -297,26 +297,39 @@ class Evaluation:
         return out
 
     def load(self, series: list[tuple[int, dict]], start_ms: int, end_ms: int):
-        """Samples of the series in [start_ms, end_ms]: offsets (S+1,), ts, values, stale."""
+        """Samples of the series in [start_ms, end_ms]: offsets (S+1,), ts, values, stale.
+
+        Rows come back in `series` order (label order), each series' samples sorted by time.
+        DuckDB filters by series and time; the ordering is done here with one stable argsort on
+        (row, ts): samples arrive in long time-ordered runs, which timsort merges in a fraction of
+        the time an ORDER BY takes.
+        """
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
-        data = self.store.fetch(ids, start_ms, end_ms, self.cur)
-        self.count_samples(len(data.ts))
-        # fetch sorts by series id; rows are in label order, so map through a permutation.
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        bounds = np.searchsorted(data.series_ids, sorted_ids, side="left")
-        ends = np.searchsorted(data.series_ids, sorted_ids, side="right")
-        if np.all(order == np.arange(len(ids))):
-            offsets = np.append(bounds, len(data.ts)) if len(ids) else np.zeros(1, dtype=np.int64)
-            return offsets.astype(np.int64), data.ts, data.values, data.stale
-        starts_by_row = np.empty(len(ids), dtype=np.int64)
-        ends_by_row = np.empty(len(ids), dtype=np.int64)
-        starts_by_row[order] = bounds
-        ends_by_row[order] = ends
-        take = np.concatenate([np.arange(a, b) for a, b in zip(starts_by_row, ends_by_row)]) \
-            if len(ids) else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(ends_by_row - starts_by_row)]).astype(np.int64)
-        return offsets, data.ts[take], data.values[take], data.stale[take]
+        res = self.cur.execute(
+            "SELECT series_id, ts, value FROM samples "
+            "WHERE series_id IN (SELECT unnest(?::INTEGER[])) AND ts BETWEEN ? AND ?",
+            [ids.tolist(), int(start_ms), int(end_ms)]).fetchnumpy()
+        sids = np.asarray(res["series_id"], dtype=np.int64)
+        ts = np.asarray(res["ts"], dtype=np.int64)
+        values = res["value"]
+        if np.ma.isMaskedArray(values):
+            stale = np.ma.getmaskarray(values)
+            values = values.filled(np.nan)
+        else:
+            stale = np.zeros(len(values), dtype=bool)
+        values = np.asarray(values, dtype=np.float64)
+        self.count_samples(len(ts))
+        row_of = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
+        row_of[ids] = np.arange(len(ids))
+        rows = row_of[sids]
+        span = int(end_ms) - int(start_ms) + 1
+        if len(ids) * span < 2 ** 62:
+            order = np.argsort(rows * span + (ts - int(start_ms)), kind="stable")
+        else:
+            order = np.lexsort((ts, rows))
+        rows, ts, values, stale = rows[order], ts[order], values[order], stale[order]
+        offsets = np.searchsorted(rows, np.arange(len(ids) + 1), side="left").astype(np.int64)
+        return offsets, ts, values, stale
 
     def eval_VectorSelector(self, node, times):
         t = self.at_times(node.at, node.offset, times)

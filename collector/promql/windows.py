@@ -293,6 +293,36 @@ def _pairs_prefix(rv: RangeVector, indicator) -> np.ndarray:
     return np.cumsum(contrib)
 
 
+def _sparse_table_extreme(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, op):
+    """min/max over every window from a sparse table: level k holds op over [i, i + 2**k), so a
+    window [lo, hi) is op(level_k[lo], level_k[hi - 2**k]) with 2**k <= hi - lo < 2**(k+1).
+    fmin/fmax skip NaN unless all are NaN: Prometheus' rule for min/max_over_time."""
+    cnt = hi - lo
+    width = int(cnt.max()) if cnt.size else 0
+    levels = [v]
+    k = 1
+    while (1 << k) <= width:
+        prev = levels[-1]
+        half = 1 << (k - 1)
+        nxt = prev.copy()
+        nxt[:-half] = op(prev[:-half], prev[half:])
+        levels.append(nxt)
+        k += 1
+    present = cnt > 0
+    safe = np.maximum(cnt, 1)
+    lvl = np.floor(np.log2(safe)).astype(np.int64)
+    out = np.empty(cnt.shape)
+    last = len(v) - 1
+    for k, table in enumerate(levels):
+        sel = present & (lvl == k)
+        if sel.any():
+            a = np.minimum(lo[sel], last)
+            b = np.minimum(hi[sel] - (1 << k), last)
+            out[sel] = op(table[a], table[b])
+    out[~present] = 0.0
+    return out, present
+
+
 def fast(name: str, rv: RangeVector, params: list):
     """Functions that need only the window's ends and prefix sums: no gathering.
 
@@ -307,6 +337,8 @@ def fast(name: str, rv: RangeVector, params: list):
     v, ts = rv.values, rv.ts
     if len(v) == 0:
         return np.zeros(cnt.shape), np.zeros(cnt.shape, dtype=bool)
+    if name in ("min_over_time", "max_over_time"):
+        return _sparse_table_extreme(v, lo, hi, np.fmin if name == "min_over_time" else np.fmax)
     last = np.clip(hi - 1, 0, len(v) - 1)
     first = np.clip(lo, 0, len(v) - 1)
     with np.errstate(all="ignore"):
@@ -378,6 +410,6 @@ SIMPLE = {
 EXTRAPOLATED = {"rate": (True, True), "increase": (True, False), "delta": (False, False)}
 # Computed from window ends and prefix sums only (see fast()): no gathering needed.
 FAST = {"rate", "increase", "delta", "irate", "idelta", "count_over_time", "last_over_time",
-        "present_over_time", "resets", "changes", "first_over_time"}
+        "present_over_time", "resets", "changes", "first_over_time", "min_over_time", "max_over_time"}
 # Functions over a range vector that keep the metric name.
 KEEP_NAME = {"last_over_time", "first_over_time"}
