@@ -62,7 +62,7 @@ def test_file_names_sort_in_send_order(tmp_path):
     sp = Spool(tmp_path, 10**6)
     for i in range(11):
         sp.append(b"x")
-    assert sorted(os.listdir(tmp_path)) == [f"{i:020d}.otlp" for i in range(1, 12)]
+    assert sorted(os.listdir(tmp_path)) == [f"{i:020d}.otlp.gz" for i in range(1, 12)]
 
 
 def _batch(i: int) -> bytes:
@@ -122,3 +122,25 @@ def test_shipper_stop_spools_unsent_batches_for_next_start(tmp_path):
     time.sleep(0.3)
     sh.stop()
     assert len(Spool(tmp_path, 10**6)) == 4 and sh.counts["retry"] >= 1
+
+
+def test_shipper_spools_compressed_and_skips_a_damaged_file(tmp_path, receiver):
+    import gzip
+    url = f"http://127.0.0.1:{free_port()}/v1/metrics"   # nobody listens: everything is spooled
+    sh = Shipper(OtlpSender(url, timeout=1).send, Spool(tmp_path, 10**6), max_backoff=60)
+    sh.start()
+    for i in range(3):
+        sh.submit(_batch(i))
+    sh.stop()
+    files = sorted(tmp_path.iterdir())
+    assert [gzip.decompress(f.read_bytes()) for f in files] == [_batch(i) for i in range(3)]
+    assert sum(f.stat().st_size for f in files) < sum(len(_batch(i)) for i in range(3))
+    files[1].write_bytes(b"\x1f\x8b truncated")        # damaged on disk
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/v1/metrics"
+    sh = Shipper(OtlpSender(url, timeout=2).send, Spool(tmp_path, 10**6), max_backoff=0.2)
+    sh.start()
+    try:
+        assert sh.wait_idle(10)
+    finally:
+        sh.stop()
+    assert _values(receiver) == [0.0, 2.0] and sh.spool.dropped == 1
