@@ -190,13 +190,15 @@ class Shipper:
                 if self._stop:
                     return
                 self._busy = True
-                new = list(self._queue)
+                new = collections.deque(self._queue)
                 self._queue.clear()
             try:
                 self._step(new)
-            except Exception:  # noqa: BLE001 - the shipper must outlive a full disk or a bug
+            except Exception:  # noqa: BLE001 - the shipper must outlive a bug: keep the data
                 log.exception("shipper step failed; retrying")
                 self._retry_at = time.monotonic() + self._backoff(None)
+                while new:
+                    self._spool(new.popleft())
             finally:
                 with self._cond:
                     self._busy = False
@@ -204,26 +206,32 @@ class Shipper:
     def _spool_due(self) -> bool:
         return len(self.spool) > 0 and time.monotonic() >= self._retry_at
 
-    def _step(self, new: list[bytes]) -> None:
+    def _step(self, new: collections.deque[bytes]) -> None:
         # 1. the oldest spooled batch first (one per step, so new batches are picked up between)
         if self._spool_due():
-            item = self.spool.oldest()
-            if item is not None:
-                seq, stored = item
-                try:
-                    body = gzip.decompress(stored)
-                except (OSError, EOFError, zlib.error) as exc:   # damaged on disk: never sendable
-                    log.error("spooled batch %d is unreadable (%s); dropped", seq, exc)
-                    self.spool.remove(seq)
-                    self.spool.dropped += 1
-                    return
-                if self._deliver(body):
-                    self.spool.remove(seq)
-        # 2. new batches: straight to the collector only when nothing older waits
-        for body in new:
-            if len(self.spool) == 0 and time.monotonic() >= self._retry_at and self._deliver(body):
-                continue
-            self._spool(body)
+            self._send_oldest()
+        # 2. new batches: straight to the collector only when nothing older waits. Each leaves
+        #    `new` only once handled, so _run can spool what a failure left behind.
+        while new:
+            body = new[0]
+            if not (len(self.spool) == 0 and time.monotonic() >= self._retry_at and self._deliver(body)):
+                self._spool(body)
+            new.popleft()
+
+    def _send_oldest(self) -> None:
+        item = self.spool.oldest()
+        if item is None:
+            return
+        seq, stored = item
+        try:
+            body = gzip.decompress(stored)
+        except (OSError, EOFError, zlib.error) as exc:   # damaged on disk: never sendable
+            log.error("spooled batch %d is unreadable (%s); dropped", seq, exc)
+            self.spool.remove(seq)
+            self.spool.dropped += 1
+            return
+        if self._deliver(body):
+            self.spool.remove(seq)
 
     def _deliver(self, body: bytes) -> bool:
         """Send once. True when the batch is finished with (sent, or rejected for good)."""
