@@ -84,7 +84,7 @@ def collect_sources(sources: list[Source], status: dict[str, SourceStatus] | Non
 
 
 class Agent:
-    """The running agent. Sources, sender and clock can be injected (tests, the benchmark)."""
+    """The running agent. Sources and the sender can be injected (tests, the benchmark)."""
 
     def __init__(self, config: AgentConfig, sources: list[Source] | None = None,
                  sender: OtlpSender | None = None):
