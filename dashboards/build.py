@@ -201,6 +201,8 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], vars_:
 
 
 RATE = "$__rate_interval"
+# XIDs after which the chip needs a reset or the node a reboot (shared/reference/xid.md).
+FATAL_XIDS = "48|79|94|95|119|120|140"
 
 
 # ----------------------------------------------------------------------------- the dashboards
@@ -218,11 +220,12 @@ def fleet_overview() -> dict:
         stat("Fleet utilization", f"avg({sel('hw.gpu.utilization', FLEET_SEL)})", unit="percentunit",
              th=UTIL, minv=0, maxv=1),
         stat("Accelerator power", f"sum({sel('hw.power', FLEET_SEL)})", unit="watt", decimals=1),
-        stat("Fatal errors (24h)",
-             f'(sum(increase({sel("hw.gpu.xid.errors", FLEET_SEL, xid="~48|79|94|95|119|120|140")}[24h])) or vector(0))'
-             f' + (sum(increase({sel("hw.gpu.ecc.errors", FLEET_SEL, type="uncorrected")}[24h])) or vector(0))',
+        stat("Chips with fatal errors",
+             f'count(group by (cluster, node, chip) ({sel("hw.gpu.xid.errors", FLEET_SEL, xid="~" + FATAL_XIDS)} > 0'
+             f' or increase({sel("hw.gpu.ecc.errors", FLEET_SEL, type="uncorrected")}[24h]) > 0)) or vector(0)',
              th=ANY_IS_BAD, decimals=0,
-             description="Fatal XIDs (48, 79, 94, 95, 119, 120, 140) plus uncorrectable ECC errors, last 24 h."),
+             description="Chips with a fatal XID (48, 79, 94, 95, 119, 120, 140) since their node's last boot, "
+                         "or an uncorrectable ECC error in the last 24 h."),
         row("By cluster and vendor"),
         ts("Utilization by cluster and vendor",
            target(f"avg by (cluster, vendor) ({sel('hw.gpu.utilization', FLEET_SEL)})", "{{cluster}} {{vendor}}"),
@@ -236,9 +239,10 @@ def fleet_overview() -> dict:
            target(f"count by (cluster, model) ({sel('hw.gpu.info', FLEET_SEL)})", "{{cluster}} {{model}}"),
            decimals=0),
         row("Errors"),
-        ts("XID errors by code",
-           target(f"sum by (xid) (increase({sel('hw.gpu.xid.errors', FLEET_SEL)}[{RATE}]))", "XID {{xid}}"),
-           decimals=0, description="NVIDIA XID events per interval, all clusters selected."),
+        ts("XID errors by code (since boot)",
+           target(f"sum by (xid) ({sel('hw.gpu.xid.errors', FLEET_SEL)})", "XID {{xid}}"), decimals=0,
+           description="XID counts since each node's boot. A chip's XID series appears with its first "
+                       "event, so the count itself (not increase(), which needs an earlier sample) is shown."),
         ts("ECC errors by type and memory",
            target(f'sum by (vendor, memory, type) (increase({sel("hw.gpu.ecc.errors", FLEET_SEL, scope="!aggregate")}[{RATE}]))',
                   "{{vendor}} {{memory}} {{type}}"), decimals=0),
@@ -281,7 +285,7 @@ def node_detail() -> dict:
         ts("Throttle reasons active",
            target(f'{sel("hw.gpu.clock.event.active", reason="!idle")} == 1',
                   "{{node}} chip {{chip}} {{reason}}"), decimals=0),
-        ts("XID errors", target(f"increase({sel('hw.gpu.xid.errors')}[{RATE}])", "{{node}} chip {{chip}} XID {{xid}}"),
+        ts("XID errors (since boot)", target(f"{sel('hw.gpu.xid.errors')}", "{{node}} chip {{chip}} XID {{xid}}"),
            decimals=0, th=ANY_IS_BAD),
         ts("ECC errors (volatile)",
            target(f'increase({sel("hw.gpu.ecc.errors", scope="volatile")}[{RATE}])',
