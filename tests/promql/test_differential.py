@@ -72,8 +72,9 @@ def servers(tmp_path_factory):
     col_cmd = [PYTHON, "-m", "shopfloor", "collector", "--config", str(tmp / "collector.yaml"),
                "--listen", f"127.0.0.1:{cport}", "--db", str(tmp / "c.duckdb"), "--log-level", "warning"]
     prom_url, col_url = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{cport}"
-    with running(prom_cmd, ready_url=prom_url + "/-/ready", log=tmp / "prometheus.log"), \
-            running(col_cmd, ready_url=col_url + "/-/healthy", log=tmp / "collector.log", env=env, cwd=ROOT):
+    with running(prom_cmd, ready_url=prom_url + "/-/ready", log=tmp / "prometheus.log", timeout=120), \
+            running(col_cmd, ready_url=col_url + "/-/healthy", log=tmp / "collector.log", env=env, cwd=ROOT,
+                    timeout=120):
         sent_p = fleet.push(prom_url + "/api/v1/write", series)
         sent_c = fleet.push(col_url + "/api/v1/write", series)
         assert sent_p == sent_c > 0
