@@ -169,47 +169,67 @@ def test_gzip_body_is_the_encoded_request(receiver):
 
 def test_encoding_equals_the_library_built_message():
     """The cached-bytes encoder must produce exactly what opentelemetry-proto's API builds."""
-    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-    from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
-
     kinds = _one_of_each_instrument()
     pts = []
     for i, name in enumerate(kinds.values()):
         for c in range(3):
             pts.append(Point(name, c * 1.5 + i, {a: f"{a}{c}" for a in catalog()[name].attributes},
                              time_ns=0 if c == 0 else 7_000 + c))
-    got = _decode(encode_request(pts, RESOURCE, 111, 999))
+    assert _decode(encode_request(pts, RESOURCE, 111, 999)) == _library_request(pts, RESOURCE, 111, 999)
 
-    want = ExportMetricsServiceRequest()
-    rm = want.resource_metrics.add()
-    for k, v in [*RESOURCE.items(), ("service.name", "shopfloor-agent"), ("service.instance.id", "gpu-001")]:
+
+def _library_request(points, resource, start_ns, default_ns) -> ExportMetricsServiceRequest:
+    """The same request built with opentelemetry-proto's message API (the reference)."""
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric, NumberDataPoint
+
+    from agent.export.otlp import _scope_version_cached
+
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    for k, v in [*resource.items(), ("service.name", "shopfloor-agent"), ("service.instance.id", resource.get("node", ""))]:
         rm.resource.attributes.append(KeyValue(key=k, value=AnyValue(string_value=v)))
     sm = rm.scope_metrics.add()
-    sm.scope.CopyFrom(InstrumentationScope(name="shopfloor.agent", version=got.resource_metrics[0].scope_metrics[0].scope.version))
-    for name in kinds.values():
+    sm.scope.CopyFrom(InstrumentationScope(name="shopfloor.agent", version=_scope_version_cached()))
+    order = list(dict.fromkeys(p.name for p in points))
+    for name in order:
         m = catalog()[name]
         metric = Metric(name=name, unit=m.unit, description=m.help)
-        if m.instrument == "gauge":
-            dps = metric.gauge.data_points
-        else:
+        gauge = m.instrument == "gauge"
+        if not gauge:
             metric.sum.aggregation_temporality = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
             metric.sum.is_monotonic = m.instrument == "counter"
-            dps = metric.sum.data_points
-        for p in (p for p in pts if p.name == name):
-            dp = NumberDataPoint(time_unix_nano=p.time_ns or 999, as_double=p.value,
-                                 start_time_unix_nano=0 if m.instrument == "gauge" else 111)
+        dps = metric.gauge.data_points if gauge else metric.sum.data_points
+        for p in (p for p in points if p.name == name):
+            dp = NumberDataPoint(time_unix_nano=p.time_ns or default_ns, as_double=p.value,
+                                 start_time_unix_nano=0 if gauge else start_ns)
             dp.attributes.extend(KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in p.attributes.items())
             dps.append(dp)
         sm.metrics.append(metric)
-    assert got == want
+    return req
 
 
-def test_partial_success_is_success_with_the_rejected_count(receiver):
-    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
-    answer = ExportMetricsServiceResponse()
-    answer.partial_success.rejected_data_points = 3
-    answer.partial_success.error_message = "3 series over the cardinality limit"
-    receiver.answers.append((200, {"Content-Type": "application/x-protobuf"}, answer.SerializeToString()))
-    res = OtlpSender(_url(receiver), headers={"Authorization": "Bearer s3cret"}).send(b"")
-    assert res.ok and not res.retryable and res.rejected_points == 3
-    assert "cardinality" in res.error
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_NAMES = [m.name for m in catalog()]
+_text = st.text(min_size=0, max_size=300)
+_points = st.lists(st.builds(
+    Point, st.sampled_from(_NAMES), st.floats(allow_nan=False),
+    st.dictionaries(st.text(min_size=1, max_size=20), _text, max_size=6),
+    st.integers(min_value=0, max_value=2**64 - 1)), max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(points=_points, resource=st.dictionaries(st.sampled_from(["cluster", "node", "rack", "site"]), _text),
+       start=st.integers(min_value=0, max_value=2**64 - 1), default=st.integers(min_value=1, max_value=2**64 - 1))
+def test_encoding_matches_library_for_any_input(points, resource, start, default):
+    got = _decode(encode_request(points, resource, start, default))
+    assert got == _library_request(points, resource, start, default)
+
+
+def test_nan_and_infinities_survive():
+    import math
+    pts = [point("hw.power", v, **CHIP) for v in (float("nan"), float("inf"), float("-inf"), -0.0)]
+    dps = _decode(encode_request(pts, RESOURCE, 1, 2)).resource_metrics[0].scope_metrics[0].metrics[0].gauge.data_points
+    assert math.isnan(dps[0].as_double) and dps[1].as_double == math.inf and dps[2].as_double == -math.inf
+    assert math.copysign(1, dps[3].as_double) == -1
