@@ -215,3 +215,55 @@ def test_collector_self_metrics_feed_the_pipeline_alerts():
     assert alert["labels"]["job"] == "shopfloor-collector" and alert["labels"]["protocol"] == "otlp"
     assert alert["annotations"]["summary"] == "Collector fails 18.18% of otlp ingest requests"
     ctx.store.close()
+
+
+def test_rules_and_alerts_api_in_prometheus_format(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from collector.app import make_context
+    from collector.config import ConfigError, from_dict
+    from collector.rules.service import RulesConfig, make_router
+
+    f = catalog().prom("hw.gpu.row_remap.failure")
+    rules = tmp_path / "r.yaml"
+    rules.write_text(f"""
+groups:
+  - name: alerts
+    rules:
+      - alert: RemapFailed
+        expr: {f} == 1
+        annotations: {{summary: "chip {{{{ $labels.chip }}}} failed"}}
+  - name: records
+    rules:
+      - record: fleet:remap_failures:sum
+        expr: sum({f})
+""")
+    ctx = make_context(from_dict({"db": ":memory:", "rules": {"rule_files": [str(rules)], "self_metrics": False}}))
+    app = FastAPI()
+    app.include_router(make_router(ctx))
+    assert [j.id for j in ctx.scheduler.get_jobs()] == ["rules:0:alerts", "rules:1:records"]
+    write_gauge(ctx.writer, "hw.gpu.row_remap.failure", CHIP, [1, 1])
+    manager = ctx.extras["rules"]
+    for g in manager.groups:
+        manager.evaluate(g, T0 + 30)
+    with TestClient(app) as client:
+        doc = client.get("/api/v1/rules").json()
+        assert doc["status"] == "success"
+        groups = {g["name"]: g for g in doc["data"]["groups"]}
+        assert set(groups) == {"alerts", "records"} and groups["alerts"]["interval"] == 30.0
+        alert_rule = groups["alerts"]["rules"][0]
+        assert alert_rule["type"] == "alerting" and alert_rule["state"] == "firing"
+        assert alert_rule["alerts"][0]["annotations"] == {"summary": "chip 3 failed"}
+        assert groups["records"]["rules"][0] == {**groups["records"]["rules"][0], "type": "recording", "health": "ok"}
+        only_alerts = client.get("/api/v1/rules", params={"type": "alert"}).json()["data"]["groups"]
+        assert [g["name"] for g in only_alerts] == ["alerts"]
+        by_group = client.get("/api/v1/rules", params={"rule_group[]": "records"}).json()["data"]["groups"]
+        assert [g["name"] for g in by_group] == ["records"]
+        assert client.get("/api/v1/rules", params={"type": "bogus"}).status_code == 400
+        alerts = client.get("/api/v1/alerts").json()["data"]["alerts"]
+        assert [(a["labels"]["alertname"], a["state"], a["value"]) for a in alerts] == [("RemapFailed", "firing", "1e+00")]
+    for bad in ({"interval": "0s"}, {"alertmanager_url": "alertmanager:9093"}, {"nonsense": 1},
+                {"self_metrics": "maybe"}):
+        with pytest.raises(ConfigError):
+            RulesConfig.from_section(bad)
