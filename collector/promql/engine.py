@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import numpy as np
 import promql_parser as pp
 
@@ -210,6 +212,19 @@ class Evaluation:
         self.warnings: list[str] = []
         self.infos: list[str] = []
         self._series_cache: dict[tuple, list[tuple[int, dict[str, str]]]] = {}
+
+    def run(self, ast, times: np.ndarray):
+        """Evaluate the query, interrupting a DuckDB read that is still running at the deadline."""
+        timer = threading.Timer(self.limits.timeout_s, self.cur.interrupt)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self.eval(ast, times)
+        except duckdb.InterruptException:
+            raise PromQLError("query timed out in expression evaluation", "timeout") from None
+        finally:
+            timer.cancel()
+            self.cur.close()
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -579,7 +594,7 @@ class Engine:
         ast, neg = parse(query)
         t = round(time_s * 1000)
         ev = Evaluation(self, t, t, 0, neg)
-        val = ev.eval(ast, np.array([t], dtype=np.int64))
+        val = ev.run(ast, np.array([t], dtype=np.int64))
         return self._instant_result(ast, val, t, ev)
 
     def range(self, query: str, start_s: float, end_s: float, step_s: float) -> Result:
@@ -595,7 +610,7 @@ class Engine:
         ast, neg = parse(query)
         times = np.arange(start, end + 1, step, dtype=np.int64)
         ev = Evaluation(self, start, end, step, neg)
-        val = ev.eval(ast, times)
+        val = ev.run(ast, times)
         if isinstance(val, (String, RangeVector)):
             kind = "string" if isinstance(val, String) else "range vector"
             raise PromQLError(f"invalid expression type \"{kind}\" for range query, must be Scalar or instant Vector",

@@ -96,3 +96,10 @@ def test_metadata_and_buildinfo(client):
 def test_request_size_limit(client):
     r = client.post("/api/v1/query", data={"query": "1" + " + 1" * 400_000})
     assert r.status_code == 400 and "exceeds" in r.json()["error"]
+
+
+def test_timeout_answers_503(client):
+    r = client.get("/api/v1/query_range", params={"query": f"max_over_time({UTIL}[10m:1s])", "start": "0",
+                                                   "end": "600", "step": "15", "timeout": "0.000001"})
+    assert r.status_code == 503 and r.json() == {"status": "error", "errorType": "timeout",
+                                                 "error": "query timed out in expression evaluation"}
