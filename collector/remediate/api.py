@@ -6,7 +6,8 @@
     POST /api/v1/cordons/{cluster}/{node}/{chip}/healthy   {"by": "alice"}
                                                      an operator marks the chip healthy: resumed
                                                      now if Shopfloor held it; always audited
-    POST /api/v1/cordons/{cluster}/{node}/{chip}/confirm   {"by": "alice", "mode": "hbm_uncorrectable", "note": ".."}
+    POST /api/v1/cordons/{cluster}/{node}/{chip}/confirm   {"by": "alice", "mode": "hbm_uncorrectable",
+                                                           "at": <epoch s, default now>, "note": ".."}
                                                      an operator confirms a real failure (training label)
 
 Answers use the Prometheus API's envelope: {"status": "success", "data": ...} or
@@ -121,8 +122,11 @@ def make_router(ctx) -> APIRouter:
                 raise ValueError('body must name the operator: {"by": "NAME"}')
             if mode not in FAILURE_MODES:
                 raise ValueError(f"mode must be one of {', '.join(FAILURE_MODES)}")
+            at = doc.get("at", time.time())
+            if not isinstance(at, (int, float)) or isinstance(at, bool) or not 0 < at <= time.time() + 60:
+                raise ValueError("at must be the failure time in epoch seconds, not in the future")
             d = await run_in_threadpool(confirm_failure, audit, cluster, node, chip, by, mode,
-                                        str(doc.get("note") or "")[:1000], time.time())
+                                        str(doc.get("note") or "")[:1000], time.time(), float(at))
         except TooLarge:
             return _error(413, "bad_data", f"body larger than {MAX_BODY} bytes")
         except (ValueError, TypeError) as exc:
@@ -133,13 +137,14 @@ def make_router(ctx) -> APIRouter:
 
 
 def confirm_failure(audit: Audit, cluster: str, node: str, chip: str, by: str, mode: str, note: str,
-                    now: float):
+                    now: float, failed_at: float | None = None):
     """Record an operator-confirmed failure (health_confirmed_failures) and audit it."""
     from collector.remediate.audit import Decision
+    failed_at = now if failed_at is None else failed_at
     held = audit.get(cluster, node, chip)
-    audit.confirm_failure(cluster, node, chip, ts=now, actor=by, mode=mode, note=note,
-                          uuid=held.uuid if held else "")
+    audit.confirm_failure(cluster, node, chip, failed_at=failed_at, actor=by, mode=mode)
+    words = f"failure confirmed by {by}: {mode}, failed at {iso(failed_at)}" + (f" ({note})" if note else "")
     d = Decision(now, cluster, node, chip, "confirm_failure", "done", False, held.backend if held else "",
-                 [f"failure confirmed by {by}: {mode}" + (f" ({note})" if note else "")], {}, by)
+                 [words], {}, by)
     audit.record(d)
     return d

@@ -178,27 +178,15 @@ class Audit:
                              [cluster, node, chip])
 
     # ------------------------------------------------------------------ operator-confirmed failures
-    def confirm_failure(self, cluster: str, node: str, chip: str, *, ts: float, actor: str,
-                        mode: str, note: str, uuid: str = "") -> None:
-        """Record a failure an operator confirmed, for `shopfloor health train` (docs/health.md)."""
+    def confirm_failure(self, cluster: str, node: str, chip: str, *, failed_at: float, actor: str,
+                        mode: str) -> None:
+        """A failure an operator confirmed: a training label for `shopfloor health train
+        --from-collector` (the table and its columns are the health module's, docs/health.md)."""
+        from collector.health.cli import CONFIRMED_SCHEMA, CONFIRMED_TABLE
         with self.lock:
             self.con.execute(CONFIRMED_SCHEMA)
-            self.con.execute("INSERT INTO health_confirmed_failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             [to_ts(ts), cluster, node, chip, uuid, mode, actor, note])
-
-
-CONFIRMED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS health_confirmed_failures (
-    ts      TIMESTAMP NOT NULL,
-    cluster VARCHAR NOT NULL,
-    node    VARCHAR NOT NULL,
-    chip    VARCHAR NOT NULL,
-    uuid    VARCHAR NOT NULL,
-    mode    VARCHAR NOT NULL,
-    actor   VARCHAR NOT NULL,
-    note    VARCHAR NOT NULL
-);
-"""
+            self.con.execute(f"INSERT INTO {CONFIRMED_TABLE} (ts, cluster, node, chip, mode, confirmed_by) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", [int(failed_at * 1000), cluster, node, chip, mode, actor])
 
 
 def rows_as_dicts(items: Iterable[Any]) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--by", required=True)
     c.add_argument("--mode", default="other")
     c.add_argument("--note", default="")
+    c.add_argument("--at", help="when it failed: epoch seconds or ISO 8601 UTC (default now)")
     return p
 
 
@@ -161,8 +162,22 @@ def _run(args, url: str):
     from collector.remediate.api import FAILURE_MODES
     if args.mode not in FAILURE_MODES:
         raise CliError(f"--mode must be one of {', '.join(FAILURE_MODES)}")
-    body = {"by": args.by, "mode": args.mode, "note": args.note}
+    at = _when(args.at) if args.at else time.time()
+    body = {"by": args.by, "mode": args.mode, "note": args.note, "at": at}
     if not args.db:
         return _http("POST", url, f"/api/v1/cordons/{cluster}/{node}/{chip}/confirm", body)
     return decision_json(confirm_failure(Audit(_store(args.db, False)), cluster, node, chip, args.by,
-                                         args.mode, args.note, time.time()))
+                                         args.mode, args.note, time.time(), at))
+
+
+def _when(text: str) -> float:
+    import datetime as dt
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"--at {text!r}: expected epoch seconds or ISO 8601, e.g. 2026-11-23T04:10:00Z") from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()

@@ -64,7 +64,7 @@ def test_list_audit_healthy_and_confirm_through_a_running_collector(slurm, tmp_p
         assert "DRAIN" not in slurm.node_fields("gpu-001")["State"]
 
         out = cordon("confirm", "c1/gpu-003/6", "--by", "erin", "--mode", "hbm_uncorrectable",
-                     "--note", "RMA 1234", env=cli_env)
+                     "--note", "RMA 1234", "--at", "2026-11-20T04:10:00Z", env=cli_env)
         assert out.returncode == 0, out.stderr
 
         audit = json.loads(cordon("audit", "--json", "--limit", "10", env=cli_env).stdout)
@@ -85,8 +85,8 @@ def test_list_audit_healthy_and_confirm_through_a_running_collector(slurm, tmp_p
     out = cordon("list", "--db", str(db), "--json", env=os.environ.copy())
     assert [r["node"] for r in json.loads(out.stdout)] == ["gpu-003"]
     con = Store(str(db), read_only=True)
-    assert con.con.execute("SELECT node, chip, mode, actor, note FROM health_confirmed_failures").fetchall() == [
-        ("gpu-003", "6", "hbm_uncorrectable", "erin", "RMA 1234")]
+    assert con.con.execute("SELECT ts, node, chip, mode, confirmed_by FROM health_confirmed_failures").fetchall() == [
+        (1795147800000, "gpu-003", "6", "hbm_uncorrectable", "erin")]
     assert len(Audit(con).history(100)) == 4
     con.close()
 
