@@ -44,6 +44,9 @@ CHIP_SEL = 'cluster=~"$cluster", vendor=~"$vendor", node=~"$node", chip=~"$chip"
 NODE_SEL = 'cluster=~"$cluster", node=~"$node"'
 FLEET_SEL = 'cluster=~"$cluster", vendor=~"$vendor"'
 CLUSTER_SEL = 'cluster=~"$cluster"'
+# The remediation layer labels a cordon with the chip's cluster/node/rack/chip/uuid and backend,
+# not vendor or model, so cordon panels filter on cluster only.
+CORDON_SEL = CLUSTER_SEL
 
 
 _OPS = (("!~", "!~"), ("~", "=~"), ("!", "!="))
@@ -215,7 +218,7 @@ def fleet_overview() -> dict:
         stat("Chips failing or degraded",
              f'sum({state}{{{FLEET_SEL}, state=~"failing|degraded"}}) or vector(0)',
              th=ANY_IS_BAD, description="Health layer verdicts (shopfloor health)."),
-        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', FLEET_SEL)}) or vector(0)",
+        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', CORDON_SEL)}) or vector(0)",
              th=thresholds((None, "green"), (1, "orange"))),
         stat("Fleet utilization", f"avg({sel('hw.gpu.utilization', FLEET_SEL)})", unit="percentunit",
              th=UTIL, minv=0, maxv=1),
@@ -502,7 +505,7 @@ def capacity() -> dict:
                   f" / sum by (cluster) (avg_over_time({sel('hw.gpu.memory.limit', FLEET_SEL)}[{day}]))", "{{cluster}}"),
            unit="percentunit", minv=0, maxv=1),
         ts("Chip-days lost to cordons",
-           target(f"sum by (cluster) (sum_over_time({sel('shopfloor.remediation.cordoned', FLEET_SEL)}[{day}:1h])) / 24",
+           target(f"sum by (cluster) (sum_over_time({sel('shopfloor.remediation.cordoned', CORDON_SEL)}[{day}:1h])) / 24",
                   "{{cluster}}"), decimals=1,
            description="Chips held cordoned, integrated over each day (hourly samples)."),
     ]
@@ -521,7 +524,7 @@ def health() -> dict:
         row("Now"),
         stat("Chips failing", f'sum({M("shopfloor.health.state")}{{{FLEET_SEL}, state="failing"}}) or vector(0)',
              th=ANY_IS_BAD, w=6),
-        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', FLEET_SEL)}) or vector(0)",
+        stat("Chips cordoned", f"sum({sel('shopfloor.remediation.cordoned', CORDON_SEL)}) or vector(0)",
              th=thresholds((None, "green"), (1, "orange")), w=6),
         stat("Cordon budgets tripped", f"sum({M('shopfloor.remediation.budget.tripped')}) or vector(0)",
              th=ANY_IS_BAD, w=6),
@@ -535,7 +538,7 @@ def health() -> dict:
         ts("Chips by health state", target(f"sum by (state) ({M('shopfloor.health.state')}{{{FLEET_SEL}}})", "{{state}}"),
            stack=True, decimals=0),
         ts("Cordoned chips by backend",
-           target(f"sum by (cluster, backend) ({sel('shopfloor.remediation.cordoned', FLEET_SEL)})",
+           target(f"sum by (cluster, backend) ({sel('shopfloor.remediation.cordoned', CORDON_SEL)})",
                   "{{cluster}} {{backend}}"), decimals=0),
         ts("Remediation decisions",
            target(f"sum by (action, outcome) (increase({M('shopfloor.remediation.decisions')}[{RATE}]))",

@@ -139,7 +139,8 @@ def node_points(cluster: str, rack: str, node: str, k: int, t_s: float, step_s: 
         add("shopfloor.health.risk", 0.62 if bad else 0.01 + 0.02 * _wave(k, s), **a)
         for st in HEALTH_STATES:
             add("shopfloor.health.state", 1 if st == ("failing" if bad else "healthy") else 0, **a, state=st)
-        add("shopfloor.remediation.cordoned", 1 if bad else 0, **a,
+        # as collector/remediate writes it: chip identity without vendor/model, plus the backend
+        add("shopfloor.remediation.cordoned", 1 if bad else 0, chip=a["chip"], uuid=a["uuid"],
             backend="slurm" if c.vendor == "nvidia" else "kubernetes")
 
     # host power and thermals
