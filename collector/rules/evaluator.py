@@ -17,7 +17,7 @@ so Alertmanager resolves it by itself if the collector dies and stops re-sending
 
 Not implemented (unused by our rules): the ALERTS / ALERTS_FOR_STATE series and restoring
 `for` state across restarts (a restarted collector starts alerts as pending again), group
-`limit` and `query_offset`.
+`limit` and `query_offset` (refused when set, see loader.py).
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ def parse_rule_file(text: str, source: str) -> list[GroupSpec]:
         if g["name"] in names:
             raise RuleFileError(f"{where}: duplicate group name {g['name']!r}")
         names.add(g["name"])
+        if g.get("limit") not in (None, 0):
+            raise RuleFileError(f"{where}.limit: alert/series limits are not supported by the collector")
+        if "query_offset" in g and _duration(g["query_offset"], f"{where}.query_offset") != 0:
+            raise RuleFileError(f"{where}.query_offset: not supported by the collector")
         interval = _duration(g["interval"], f"{where}.interval") if "interval" in g else None
         if interval == 0:
             raise RuleFileError(f"{where}.interval: must be positive")

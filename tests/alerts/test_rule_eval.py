@@ -172,6 +172,8 @@ groups:
     ("groups: [{name: a, rules: [{alert: X, record: y, expr: up}]}]", "exactly one"),
     ("groups: [{name: a, rules: [{alert: X, expr: up, annotations: {s: '{{ range . }}'}}]}]", "unsupported template"),
     ("groups: [{name: a}, {name: a}]", "duplicate group"),
+    ("groups: [{name: a, limit: 10}]", "not supported"),
+    ("groups: [{name: a, interval: 1h30x}]", "not a duration"),
     ("nothing: here", "groups"),
 ])
 def test_bad_rule_files_are_refused_with_a_reason(text, message):
