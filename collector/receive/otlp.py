@@ -23,8 +23,10 @@ import hashlib
 import json
 import logging
 import math
+import struct
 import threading
 import time
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -35,9 +37,11 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
+from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from agent.catalog import prometheus_label, prometheus_name
 from collector.receive.common import IngestError, IngestGate, decode_content, read_body
+from collector.store.writer import INVALID, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,38 @@ def format_le(bound: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+_U64 = struct.Struct("<Q").unpack_from
+_I64 = struct.Struct("<q").unpack_from
+_F64 = struct.Struct("<d").unpack_from
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """Decode a protobuf varint at buf[i]; returns (value, next index)."""
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _skip_varint(buf: bytes, i: int) -> int:
+    while buf[i] & 0x80:
+        i += 1
+    return i + 1
+
+
+@dataclass
+class Resolved:
+    """Samples with series ids already resolved, on their way to Writer.write_resolved."""
+    result: WriteResult
+    sids: list = field(default_factory=list)
+    ts: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+
 class DeltaAccumulator:
     """Running cumulative totals for delta sums, keyed by series."""
 
@@ -109,9 +145,13 @@ class DeltaAccumulator:
 class Translator:
     """ExportMetricsServiceRequest -> writer rows (metric, labels, ts_ms, value)."""
 
-    def __init__(self, deltas: DeltaAccumulator):
+    def __init__(self, deltas: DeltaAccumulator, writer):
         self.deltas = deltas
+        self.writer = writer
         self._names: dict[tuple, str] = {}
+        self._bases: dict[bytes, dict] = {}                    # serialized Resource -> base labels
+        self._series: dict[tuple, dict[bytes, int]] = {}       # (resource, name) -> attrs bytes -> id
+        self._cached = 0
 
     def name(self, metric_name: str, unit: str, instrument: str) -> str:
         key = (metric_name, unit, instrument)
@@ -120,34 +160,45 @@ class Translator:
             n = self._names[key] = prometheus_name(metric_name, unit, instrument)
         return n
 
-    def translate(self, req: ExportMetricsServiceRequest, now_ms: int):
-        """Returns (rows, delta_points, refused, reasons)."""
-        rows: list = []
-        deltas: list = []
-        refused = 0
-        reasons: list[str] = []
-        for rm in req.resource_metrics:
-            base: dict[str, str] = {}
-            for kv in rm.resource.attributes:
+    def base_labels(self, resource) -> tuple[bytes, dict]:
+        rkey = resource.SerializeToString()
+        base = self._bases.get(rkey)
+        if base is None:
+            base = {}
+            for kv in resource.attributes:
                 if kv.key == "service.name":
                     base["job"] = any_value(kv.value)
                 elif kv.key == "service.instance.id":
                     base["instance"] = any_value(kv.value)
                 elif "." not in kv.key:
                     base[label_name(kv.key)] = any_value(kv.value)
+            if len(self._bases) > 100_000:
+                self._bases.clear()
+            self._bases[rkey] = base
+        return rkey, base
+
+    def translate(self, req: ExportMetricsServiceRequest, now_ms: int, out: "Resolved"):
+        """Gauges and cumulative sums go straight to `out` (series ids); returns the rest as
+        (rows, delta_points, refused, reasons)."""
+        rows: list = []
+        deltas: list = []
+        refused = 0
+        reasons: list[str] = []
+        for rm in req.resource_metrics:
+            rkey, base = self.base_labels(rm.resource)
             for sm in rm.scope_metrics:
                 for m in sm.metrics:
                     kind = m.WhichOneof("data")
                     if kind == "gauge":
                         name = self.name(m.name, m.unit, "gauge")
-                        self._numbers(rows, name, base, m.gauge.data_points, now_ms)
+                        self._fast_numbers(out, name, base, rkey, m.gauge, now_ms)
                     elif kind == "sum":
                         mono = m.sum.is_monotonic
                         name = self.name(m.name, m.unit, "counter" if mono else "updowncounter")
                         if m.sum.aggregation_temporality == DELTA:
                             self._deltas(deltas, name, base, m.sum.data_points, now_ms)
                         else:
-                            self._numbers(rows, name, base, m.sum.data_points, now_ms)
+                            self._fast_numbers(out, name, base, rkey, m.sum, now_ms)
                     elif kind == "histogram":
                         name = self.name(m.name, m.unit, "histogram")
                         if m.histogram.aggregation_temporality == DELTA:
@@ -166,6 +217,85 @@ class Translator:
                     else:
                         _reason(reasons, f"{m.name or '(unnamed)'}: metric has no data")
         return rows, deltas, refused, reasons
+
+    def _fast_numbers(self, out: "Resolved", name: str, base: dict, rkey: bytes, container, now_ms: int) -> None:
+        """Number data points of a Gauge or Sum, read from their wire bytes.
+
+        Why bytes: building a labels dict per point from the protobuf objects costs ~20 us in
+        Python, far too slow for fleet rates. A node sends the same series every interval, so a
+        point's serialized attributes identify its series: after the first time, a point costs
+        a dictionary lookup plus reading its fixed64 timestamp and value. Layout (opentelemetry
+        metrics.proto): Gauge/Sum field 1 = NumberDataPoint (0x0a); in a point, fields 2, 3
+        (start/time, fixed64: 0x11, 0x19), 4 (as_double: 0x21), 6 (as_int, sfixed64: 0x31),
+        then 7 attributes (0x3a) and 8 flags. Anything else takes the general path."""
+        cache = self._series.get((rkey, name))
+        if cache is None:
+            cache = self._series[(rkey, name)] = {}
+        buf = container.SerializeToString()
+        sids, tss, vals = out.sids, out.ts, out.values
+        n = len(buf)
+        i = 0
+        while i < n:
+            tag = buf[i]
+            if tag != 0x0A:   # temporality / monotonic flags of a Sum: a varint to skip
+                i = _skip_varint(buf, i + 1) if tag in (0x10, 0x18) else n
+                continue
+            ln = buf[i + 1]
+            i += 2
+            if ln & 0x80:   # a point of 128..16383 bytes has a 2-byte length; longer ones are rare
+                b2 = buf[i]
+                if b2 & 0x80:
+                    ln, i = _varint(buf, i - 1)
+                else:
+                    ln = (ln & 0x7F) | (b2 << 7)
+                    i += 1
+            start, i = i, i + ln
+            # The layouts the agent and the OTel SDKs write, read at fixed offsets; else walk.
+            if ln >= 27 and buf[start] == 0x11 and buf[start + 9] == 0x19 and buf[start + 18] == 0x21:
+                ts = _U64(buf, start + 10)[0]
+                value = _F64(buf, start + 19)[0]
+                key = buf[start + 27:i]
+            elif ln >= 18 and buf[start] == 0x19 and buf[start + 9] == 0x21:
+                ts = _U64(buf, start + 1)[0]
+                value = _F64(buf, start + 10)[0]
+                key = buf[start + 18:i]
+            else:
+                j, ts, value, m = start, 0, 0.0, i
+                while j < m:
+                    t = buf[j]
+                    if t == 0x19:
+                        ts = _U64(buf, j + 1)[0]
+                    elif t == 0x21:
+                        value = _F64(buf, j + 1)[0]
+                    elif t == 0x31:
+                        value = float(_I64(buf, j + 1)[0])
+                    elif t != 0x11:
+                        break
+                    j += 9
+                key = buf[j:i]
+            sid = cache.get(key)
+            if sid is None:
+                point = NumberDataPoint.FromString(buf[start:i])
+                stale = bool(point.flags & FLAG_NO_RECORDED_VALUE)
+                sid = self.writer.resolve(name, self._labels(base, point.attributes), out.result)
+                if sid is None:
+                    out.result.limited += 1
+                    continue
+                if sid == INVALID:
+                    out.result.rejected += 1
+                    continue
+                if not stale and (not key or key[0] == 0x3A):
+                    if self._cached > 2_000_000:   # bounded; label churn just refills it
+                        self._series.clear()
+                        cache = self._series[(rkey, name)] = {}
+                        self._cached = 0
+                    cache[key] = sid
+                    self._cached += 1
+                if stale:
+                    value = None
+            sids.append(sid)
+            tss.append(ts // 1_000_000 if ts else now_ms)
+            vals.append(value)
 
     @staticmethod
     def _labels(base: dict, attributes) -> dict:
@@ -259,7 +389,21 @@ class OtlpReceiver:
         cfg = ctx.config.ingest
         self.gate = IngestGate(cfg.max_inflight, cfg.queue_timeout_s, cfg.retry_after_s)
         self.deltas = DeltaAccumulator()
-        self.translator = Translator(self.deltas)
+        self.translator = Translator(self.deltas, ctx.writer)
+
+    def _resolve_rows(self, rows: list, out: Resolved) -> None:
+        """Histogram/summary/delta rows (built by the translator, so well-typed) -> series ids."""
+        resolve = self.ctx.writer.resolve
+        for name, labels, ts, value in rows:
+            sid = resolve(name, labels, out.result)
+            if sid is None:
+                out.result.limited += 1
+            elif sid == INVALID:
+                out.result.rejected += 1
+            else:
+                out.sids.append(sid)
+                out.ts.append(ts)
+                out.values.append(value)
 
     def ingest(self, raw: bytes, encoding: str | None, content_type: str) -> ExportMetricsServiceResponse:
         """Decompress, decode, translate and commit one request (runs in a worker thread)."""
@@ -269,13 +413,16 @@ class OtlpReceiver:
         # The batch key: a retried request carries the same bytes (see collector.store.writer).
         key = hashlib.blake2b(body, digest_size=16, person=b"otlp").digest()
         resp = ExportMetricsServiceResponse()
-        rows, delta_points, refused, reasons = self.translator.translate(req, int(time.time() * 1000))
+        out = Resolved(WriteResult())
+        rows, delta_points, refused, reasons = self.translator.translate(req, int(time.time() * 1000), out)
         if not delta_points:
-            result = writer.write(rows, batch_key=key)
+            self._resolve_rows(rows, out)
+            result = writer.write_resolved(out.sids, out.ts, out.values, key, out.result)
         else:
             with self.deltas.lock:   # running totals must follow commit order
                 updates = self.deltas.accumulate(delta_points, rows)
-                result = writer.write(rows, batch_key=key)
+                self._resolve_rows(rows, out)
+                result = writer.write_resolved(out.sids, out.ts, out.values, key, out.result)
                 if result.accepted:
                     self.deltas.totals.update(updates)
         self.ctx.ingest_metrics.count("otlp", result)
