@@ -135,20 +135,25 @@ def _metric_parts(otel_name: str) -> tuple[bytes, bool, bytes]:
     return header, False, flags.SerializeToString()
 
 
-# A node's series keep the same attributes from one collection to the next: their serialized
-# form is cached. Bounded: a cache that outgrows it (labels churning) is started afresh.
-_ATTR_CACHE: dict[tuple, bytes] = {}
-_ATTR_CACHE_MAX = 100_000
+# A node's series keep the same attributes from one collection to the next, and the fixed
+# fields have a fixed size, so everything of a data point before its fixed fields (the tag, the
+# length and the serialized attributes) is cached per series. Bounded: a cache that outgrows it
+# (labels churning) is started afresh.
+_GAUGE_FIXED = struct.calcsize("<BQBd")
+_SUM_FIXED = struct.calcsize("<BQBQBd")
+_PREFIX_CACHE: dict[tuple, bytes] = {}
+_PREFIX_CACHE_MAX = 100_000
 
 
-def _attributes(attributes: Mapping[str, str]) -> bytes:
-    key = tuple(attributes.items())
-    raw = _ATTR_CACHE.get(key)
-    if raw is None:
-        if len(_ATTR_CACHE) >= _ATTR_CACHE_MAX:
-            _ATTR_CACHE.clear()
-        raw = _ATTR_CACHE[key] = NumberDataPoint(attributes=[_kv(k, v) for k, v in key]).SerializeToString()
-    return raw
+def _dp_prefix(attributes: Mapping[str, str], fixed_size: int) -> bytes:
+    key = (fixed_size, *attributes.items())
+    prefix = _PREFIX_CACHE.get(key)
+    if prefix is None:
+        if len(_PREFIX_CACHE) >= _PREFIX_CACHE_MAX:
+            _PREFIX_CACHE.clear()
+        attrs = NumberDataPoint(attributes=[_kv(k, v) for k, v in attributes.items()]).SerializeToString()
+        prefix = _PREFIX_CACHE[key] = _DP_TAG + _varint(len(attrs) + fixed_size) + attrs
+    return prefix
 
 
 @lru_cache(maxsize=64)
@@ -188,13 +193,13 @@ def encode_request(points: Iterable[Point], resource: Mapping[str, str], start_t
     for name, group in by_name.items():
         header, is_gauge, sum_flags = _metric_parts(name)
         if is_gauge:
-            dps = b"".join(_wrap(_DP_TAG, _attributes(p.attributes) + _GAUGE_DP(
-                _TIME_T, p.time_ns or default_time_ns, _VALUE_T, p.value)) for p in group)
+            dps = b"".join([_dp_prefix(p.attributes, _GAUGE_FIXED) + _GAUGE_DP(
+                _TIME_T, p.time_ns or default_time_ns, _VALUE_T, p.value) for p in group])
             metrics.append(_wrap(_METRICS_TAG, header + _wrap(_GAUGE_TAG, dps)))
         else:
-            dps = b"".join(_wrap(_DP_TAG, _attributes(p.attributes) + _SUM_DP(
-                _START_T, start_time_ns, _TIME_T, p.time_ns or default_time_ns, _VALUE_T, p.value))
-                for p in group)
+            dps = b"".join([_dp_prefix(p.attributes, _SUM_FIXED) + _SUM_DP(
+                _START_T, start_time_ns, _TIME_T, p.time_ns or default_time_ns, _VALUE_T, p.value)
+                for p in group])
             metrics.append(_wrap(_METRICS_TAG, header + _wrap(_SUM_TAG, sum_flags + dps)))
     resource_raw, scope_raw = _resource_bytes(tuple((k, str(v)) for k, v in resource.items()))
     scope_metrics = _wrap(_SM_TAG, scope_raw + b"".join(metrics))
