@@ -114,6 +114,15 @@ UTIL = thresholds((None, "blue"), (0.3, "green"))
 FRACTION_OF_LIMIT = thresholds((None, "green"), (0.9, "orange"), (0.97, "red"))
 
 
+# Data links from any per-chip series to the chip detail dashboard, keeping the time range.
+CHIP_LINK = {"title": "Chip detail: ${__field.labels.node} chip ${__field.labels.chip}", "targetBlank": False,
+             "url": "/d/shopfloor-chip/?var-cluster=${__field.labels.cluster}&var-node=${__field.labels.node}"
+                    "&var-chip=${__field.labels.chip}&${__url_time_range}"}
+CHIP_LINK_TABLE = {"title": "Chip detail: ${__data.fields.node} chip ${__data.fields.chip}", "targetBlank": False,
+                   "url": "/d/shopfloor-chip/?var-cluster=${__data.fields.cluster}&var-node=${__data.fields.node}"
+                          "&var-chip=${__data.fields.chip}&${__url_time_range}"}
+
+
 def panel(kind: str, title: str, targets: list[dict], *, unit: str = "short", w: int = 12, h: int = 8,
           description: str = "", th: dict = GREEN_ONLY, minv: float | None = None, maxv: float | None = None,
           decimals: int | None = None, stack: bool = False, options: dict | None = None) -> dict:
@@ -145,6 +154,13 @@ def panel(kind: str, title: str, targets: list[dict], *, unit: str = "short", w:
                          "pieType": "donut", "legend": {"displayMode": "table", "placement": "right"}},
             }.get(kind, {})
     opts.update(options or {})
+    if kind == "table":
+        for t in targets:
+            t["format"] = "table"     # one row per series, labels as columns
+    legends = " ".join(t.get("legendFormat", "") for t in targets)
+    if kind == "table" and any("topk" in t["expr"] or "info" in t["expr"] for t in targets) or \
+            ("{{node}}" in legends and "{{chip}}" in legends):
+        defaults["links"] = [CHIP_LINK_TABLE if kind == "table" else CHIP_LINK]
     return {"type": kind, "title": title, "description": description, "datasource": DS, "targets": targets,
             "fieldConfig": {"defaults": defaults, "overrides": []}, "options": opts,
             "gridPos": {"h": h, "w": w, "x": 0, "y": 0}}
