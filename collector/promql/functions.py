@@ -170,6 +170,13 @@ def call(ev, node, times):
                 bad = q[np.isnan(q) | (q < 0) | (q > 1)][0]
                 ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad)}")
         fn, min_samples, _ = windows.SIMPLE.get(name, (None, 1, 0))
+        if name in ("rate", "increase", "irate"):
+            for lb in rv.labels:
+                metric = lb.get(NAME, "")
+                if metric and not metric.endswith(("_total", "_sum", "_count", "_bucket")):
+                    ev.infos.append('PromQL info: metric might not be a counter, name does not end in either '
+                                    f'"_total", "_sum", "_count", or "_bucket": "{metric}"')
+                    break
         lo, hi = rv.windows()
         # Every sample of every window is touched once per step: count it like Prometheus does.
         ev.count_samples(int((hi - lo).sum()))

@@ -166,12 +166,12 @@ def histogram_quantile(ev, q: np.ndarray, vec: Vector) -> Vector:
         labels.append(g)
         vals.append(out)
         pres.append(ok)
-    if not labels:
-        return Vector.empty(T)
     if ((q < 0) | (q > 1) | np.isnan(q)).any():
         from .functions import _fmt_num
         bad_q = q[(q < 0) | (q > 1) | np.isnan(q)][0]
         ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad_q)}")
+    if not labels:
+        return Vector.empty(T)
     return Vector(labels, np.array(vals), np.array(pres)).drop_empty()
 
 

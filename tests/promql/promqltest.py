@@ -187,6 +187,7 @@ class Case:
     expected: list[Expected] = field(default_factory=list)
     native: bool = False
     reads_histograms: bool = False     # reads a metric that also holds native-histogram samples
+    annotations: list[str] = field(default_factory=list)   # warn / info / no_warn / no_info
     text: str = ""
 
 
@@ -195,6 +196,7 @@ class Outcome:
     case: Case
     status: str                        # pass | fail | native
     reason: str = ""
+    annotations_met: bool | None = None  # for passing cases with expect warn/info lines
 
 
 class Runner:
@@ -315,7 +317,9 @@ class Runner:
                 elif body.startswith("range vector"):
                     rm = re.match(r"range vector from (\S+) to (\S+) step (\S+)", body)
                     case.expect_range = tuple(parse_duration_ms(rm.group(k)) for k in (1, 2, 3))
-                # warn / info / no_warn / no_info: not enforced (see module doc)
+                elif body.split()[0] in ("warn", "info", "no_warn", "no_info"):
+                    # recorded and reported apart, not enforced (see module doc)
+                    case.annotations.append(body.split()[0])
                 continue
             if "{{" in t:
                 case.native = True
@@ -367,7 +371,12 @@ class Runner:
             self.compare(case, res)
         except AssertionError as exc:
             return Outcome(case, "fail", str(exc) + self._load_note())
-        return Outcome(case, "pass")
+        met = None
+        if case.annotations:
+            want = {"warn": bool(res.warnings), "info": bool(res.infos),
+                    "no_warn": not res.warnings, "no_info": not res.infos}
+            met = all(want[a] for a in case.annotations)
+        return Outcome(case, "pass", annotations_met=met)
 
     def _load_note(self) -> str:
         return f" [{'; '.join(self.load_errors)}]" if self.load_errors else ""
@@ -505,6 +514,11 @@ def markdown(results: dict[str, list[Outcome]]) -> str:
         "holds native-histogram samples) are counted apart as unsupported: the store keeps floats only.",
         "",
         f"**Total: {total_pass} / {total_run} float cases pass; {total_native} native-histogram cases unsupported.**",
+        "",
+        f"Annotations (not enforced): of the passing cases with `expect warn|info|no_warn|no_info`, "
+        f"{sum(o.annotations_met is True for outs in results.values() for o in outs)} of "
+        f"{sum(o.annotations_met is not None for outs in results.values() for o in outs)} also get the "
+        "expected presence or absence of warnings/infos.",
         "",
         "| file | pass | float cases | native (unsupported) |",
         "|---|---|---|---|",
