@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,11 @@ def _write_config(root: Path, nodes: list[str], gpus: int) -> Path:
 def slurm_lab(nodes: list[str] | None = None, gpus: int = 8):
     """Start munged, slurmctld and a slurmd per node; yield a SlurmLab; stop and clean up."""
     nodes = nodes or [f"gpu-{i:03d}" for i in range(1, 5)]
+    # The daemons run in their own sessions, so they would outlive a test run stopped with
+    # SIGTERM (e.g. by `timeout`); turn SIGTERM into SystemExit so the `finally` below stops them.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     root = Path(tempfile.mkdtemp(prefix="shopfloor-slurm-"))
     os.chmod(root, 0o755)   # munged refuses sockets in group/world-writable directories
     lab = SlurmLab(root, nodes, _write_config(root, nodes, gpus))
@@ -175,3 +181,9 @@ def slurm_lab(nodes: list[str] | None = None, gpus: int = 8):
     finally:
         lab.stop()
         shutil.rmtree(root, ignore_errors=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)

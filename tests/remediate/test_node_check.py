@@ -113,6 +113,7 @@ def test_nvml_row_remap_failure_and_recovery_action_drain(slurm):
     assert "chip 5" in reason and "NVML recovery action 2: driver requires a node reboot" in reason
 
 
+@pytest.mark.timeout(60)
 def test_follow_drains_as_soon_as_the_xid_line_appears(slurm, tmp_path):
     log = tmp_path / "kmsg"
     log.write_text(APP_ONLY)
