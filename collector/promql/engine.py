@@ -322,8 +322,11 @@ class Evaluation:
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
         res = self.cur.execute(
             "SELECT series_id, ts, value FROM samples "
-            "WHERE series_id IN (SELECT unnest(?::INTEGER[])) AND ts BETWEEN ? AND ?",
-            [ids.tolist(), int(start_ms), int(end_ms)]).fetchnumpy()
+            # The BETWEEN on series_id lets DuckDB skip row groups by their min/max statistics
+            # once compaction has clustered samples by series; ts prunes the same way.
+            "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
+            "AND ts BETWEEN ? AND ?",
+            [int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]).fetchnumpy()
         sids = np.asarray(res["series_id"], dtype=np.int64)
         ts = np.asarray(res["ts"], dtype=np.int64)
         values = res["value"]

@@ -79,7 +79,7 @@ def push(url: str, series, *, slice_s: int = 600, batch_series: int = 2000, head
     lo = min(int(ts[0]) for _, ts, _ in series if len(ts))
     hi = max(int(ts[-1]) for _, ts, _ in series if len(ts))
     sent = 0
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=600) as client:
         for t0 in range(lo, hi + 1, slice_s * 1000):
             t1 = t0 + slice_s * 1000
             chunk = []
