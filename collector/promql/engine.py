@@ -209,6 +209,7 @@ class Evaluation:
         self.lookback_ms = round(self.limits.lookback_delta_s * 1000)
         self.deadline = time.monotonic() + self.limits.timeout_s
         self.samples = 0
+        self.want_sample_ts = False
         self.warnings: list[str] = []
         self.infos: list[str] = []
         self._series_cache: dict[tuple, list[tuple[int, dict[str, str]]]] = {}
@@ -358,7 +359,8 @@ class Evaluation:
         offsets, ts, vals, stale = self.load(series, int(t.min()) - self.lookback_ms + 1, int(t.max()))
         values = np.zeros((S, T))
         present = np.zeros((S, T), dtype=bool)
-        sample_ts = np.zeros((S, T), dtype=np.int64)
+        # Sample timestamps are kept only under timestamp(): an (S x T) int64 matrix is not free.
+        sample_ts = np.zeros((S, T), dtype=np.int64) if self.want_sample_ts else None
         for i in range(S):
             a, b = offsets[i], offsets[i + 1]
             if a == b:
@@ -369,7 +371,8 @@ class Evaluation:
             ok &= (ts[idx] > t - self.lookback_ms) & ~stale[idx]
             values[i] = vals[idx]
             present[i] = ok
-            sample_ts[i] = ts[idx]
+            if sample_ts is not None:
+                sample_ts[i] = ts[idx]
         return Vector([lb for _, lb in series], values, present, sample_ts).drop_empty()
 
     def eval_MatrixSelector(self, node, times):

@@ -237,7 +237,11 @@ def call(ev, node, times):
         return Vector([{}], _date_part(name, times / 1000.0)[None, :], np.ones((1, T), dtype=bool))
 
     if name == "timestamp":
-        vec = ev.eval(args[0], times)
+        ev.want_sample_ts, before = True, ev.want_sample_ts
+        try:
+            vec = ev.eval(args[0], times)
+        finally:
+            ev.want_sample_ts = before
         if vec.sample_ts is not None:
             vals = vec.sample_ts / 1000.0
         else:
