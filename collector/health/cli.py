@@ -90,8 +90,7 @@ def from_collector(db_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         if lo is None:
             raise ValueError(f"{db_path}: the store has no samples")
         src = StoreSource(store)
-        r = read_hours(src, int(lo), int(hi) + 1)
-        ev = src.xid_events(int(lo), int(hi) + 1, data_start_ms=int(lo))
+        r, ev = read_hours(src, int(lo), int(hi) + 1)
     finally:
         store.close()
     grid = features(r, ev, end_hour=int(hi) // HOUR_MS)

@@ -88,7 +88,7 @@ def verdicts(ev: Evaluation, model: RiskModel | None, hour: int | None = None,
     out: list[Verdict] = []
     chips = ev.chips
     if chips.is_empty():
-        return [s.verdict() for s in ev.storms]
+        return []
     hour = int(chips["hour"].max()) if hour is None else hour
     now = chips.filter(pl.col("hour") == hour)
     grid_rows = {tuple(r[k] for k in CHIP_KEY): r for r in ev.grid.filter(pl.col("hour") == hour).iter_rows(named=True)}
@@ -118,7 +118,7 @@ def verdicts(ev: Evaluation, model: RiskModel | None, hour: int | None = None,
                 chip=ChipRef(cluster=row["cluster"], node=row["node"], chip="", rack=row.get("rack") or ""),
                 state=STATE_OF_RANK[int(row["state"])], action=ACTION_OF_RANK[int(row["action"])],
                 reasons=tuple(row["rule_reasons"]), source="rule", observed_at=row["t_ms"] / 1000.0))
-    out.extend(s.verdict() for s in ev.storms)
+    out.extend(s.verdict() for s in ev.storms if hour * HOUR_MS <= s.end_ms < (hour + 1) * HOUR_MS)
     return out
 
 

@@ -56,7 +56,7 @@ def _clusters(ev: pl.DataFrame, key: str) -> pl.DataFrame:
 def find_storms(events: pl.DataFrame, jobs: pl.DataFrame | None = None) -> tuple[list[Storm], pl.DataFrame]:
     """(storms, the events with a boolean `in_storm` column).
 
-    `events`: ts, cluster, rack, node, chip, uuid, xid, count (features.xid_events).
+    `events`: ts, cluster, rack, node, chip, uuid, xid, count (features.xid_increments).
     `jobs`: job, node, start, end (ms; end exclusive)."""
     if events.is_empty():
         return [], events.with_columns(in_storm=pl.lit(False))

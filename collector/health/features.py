@@ -11,8 +11,8 @@ DuckDB store, so the backtest runs the code the live service runs:
    per-hour increases (resets handled) and reducing gauges. A small `carry` table (each counter
    series' last value) links consecutive chunks, so a long trace is read a day at a time and the
    live service a few hours at a time, with the same result.
-3. `xid_events`: exact XID occurrences (time, chip, code, count) from the XID counters; a window
-   function finds the increments. Fate-sharing needs their exact time.
+3. `xid_increments`: exact XID occurrences (time, chip, code, count) from the XID counters'
+   samples (a per-series lag, with a carry between chunks too). Fate-sharing needs their exact time.
 4. `features`: a dense chip x hour grid with rolling windows (1 h, 6 h, 24 h, 7-day baseline)
    computed with cumulative sums per chip; every row is "what we knew at the end of that hour".
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import duckdb
 import polars as pl
@@ -113,16 +113,13 @@ SELECT name, labels, ts // {hour} AS hour,
 FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name IN (SELECT unnest(?::VARCHAR[]))
 GROUP BY name, labels, hour
 """
-_EVENTS = """
-SELECT name, labels, ts, value, lag(value) OVER (PARTITION BY name, labels ORDER BY ts) AS prev
-FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name = ?
+_XID_ROWS = """
+SELECT name, labels, ts, value FROM ({src})
+WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name = ?
 """
 
 
-def _trace_src(trace_dir: str) -> str:
-    files = sorted(glob.glob(os.path.join(trace_dir, "samples", "*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"{trace_dir}: no samples/*.parquet (not a trace directory?)")
+def _trace_src(files: list[str]) -> str:
     quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     return f"SELECT ts, name, labels, value FROM read_parquet([{quoted}])"
 
@@ -141,22 +138,41 @@ def series_hours(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms
     return _query(con, _AGG.format(hour=HOUR_MS, src=src), [start_ms, end_ms, metric_names()])
 
 
-def xid_events(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int,
-               data_start_ms: int) -> pl.DataFrame:
-    """XID occurrences: ts, chip labels, xid (int), count. A series first seen after
-    `data_start_ms` starts from zero (it was created by its first XID)."""
-    raw = _query(con, _EVENTS.format(src=src), [start_ms, end_ms, catalog().prom(XID_METRIC)])
+def xid_rows(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+    return _query(con, _XID_ROWS.format(src=src), [start_ms, end_ms, catalog().prom(XID_METRIC)])
+
+
+def _empty_xcarry() -> pl.DataFrame:
+    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "x_last": pl.Float64})
+
+
+def xid_increments(raw: pl.DataFrame, carry: pl.DataFrame | None, data_start_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(events, new carry) from raw XID counter samples of one chunk.
+
+    Events: ts, chip labels, xid (int), count. The increase of a sample is its value minus the
+    series' previous value (from this chunk, else from `carry`); a counter reset counts from zero;
+    a series never seen before that first appears after `data_start_ms` counts from zero (the
+    agent creates an XID counter at that code's first XID)."""
+    carry = _empty_xcarry() if carry is None else carry
     if raw.is_empty():
-        return _empty_events()
-    inc = (pl.when(pl.col("prev").is_null())
+        return _empty_events(), carry
+    raw = raw.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String)).sort("name", "labels", "ts")
+    raw = raw.join(carry, on=["name", "labels"], how="left")
+    prev = pl.coalesce(pl.col("value").shift(1).over(["name", "labels"]), pl.col("x_last"))
+    inc = (pl.when(prev.is_null())
            .then(pl.when(pl.col("ts") > data_start_ms).then(pl.col("value")).otherwise(0.0))
-           .when(pl.col("value") >= pl.col("prev")).then(pl.col("value") - pl.col("prev"))
+           .when(pl.col("value") >= prev).then(pl.col("value") - prev)
            .otherwise(pl.col("value")))          # counter reset: the new value is the increase
     ev = raw.with_columns(count=inc).filter(pl.col("count") > 0)
+    new_carry = pl.concat([carry, raw.group_by("name", "labels").agg(x_last=pl.col("value").last())]) \
+        .group_by("name", "labels").agg(pl.col("x_last").last())
+    if ev.is_empty():
+        return _empty_events(), new_carry
     ev = _with_labels(ev)
-    return ev.select("ts", "cluster", "rack", "node", "chip", "uuid",
-                     pl.col("xid").cast(pl.Int64, strict=False).fill_null(-1).alias("xid"),
-                     pl.col("count").cast(pl.Int64)).sort("ts")
+    ev = ev.select("ts", "cluster", "rack", "node", "chip", "uuid",
+                   pl.col("xid").cast(pl.Int64, strict=False).fill_null(-1).alias("xid"),
+                   pl.col("count").cast(pl.Int64)).sort("ts")
+    return ev, new_carry
 
 
 def _empty_events() -> pl.DataFrame:
@@ -174,24 +190,58 @@ def _with_labels(df: pl.DataFrame) -> pl.DataFrame:
 
 # ---------------------------------------------------------------------------- sources
 class TraceSource:
-    """Reads a simulator trace directory."""
+    """Reads a simulator trace directory; a chunk reads only the files whose times overlap it
+    (from the Parquet footers' statistics), so a long trace is read once, a day at a time."""
 
     def __init__(self, trace_dir: str):
+        import pyarrow.parquet as pq
+
         self.dir = trace_dir
-        self.src = _trace_src(trace_dir)
+        files = sorted(glob.glob(os.path.join(trace_dir, "samples", "*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"{trace_dir}: no samples/*.parquet (not a trace directory?)")
+        self.files: list[tuple[str, int, int]] = []
+        for f in files:
+            md = pq.ParquetFile(f).metadata
+            col = md.schema.to_arrow_schema().get_field_index("ts")
+            lo, hi = None, None
+            for i in range(md.num_row_groups):
+                st = md.row_group(i).column(col).statistics
+                if st is None or not st.has_min_max:
+                    lo, hi = -(1 << 62), 1 << 62
+                    break
+                lo = st.min if lo is None else min(lo, st.min)
+                hi = st.max if hi is None else max(hi, st.max)
+            if lo is not None:
+                self.files.append((f, int(lo), int(hi)))
         self.con = duckdb.connect()
 
-    def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
-        return series_hours(self.con, self.src, start_ms, end_ms)
+    def _src(self, start_ms: int, end_ms: int) -> str | None:
+        fs = [f for f, lo, hi in self.files if hi >= start_ms and lo < end_ms]
+        return _trace_src(fs) if fs else None
 
-    def xid_events(self, start_ms: int, end_ms: int, data_start_ms: int) -> pl.DataFrame:
-        return xid_events(self.con, self.src, start_ms, end_ms, data_start_ms)
+    def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        src = self._src(start_ms, end_ms)
+        return series_hours(self.con, src, start_ms, end_ms) if src else _empty_series_hours()
+
+    def xid_rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        src = self._src(start_ms, end_ms)
+        return xid_rows(self.con, src, start_ms, end_ms) if src else _empty_xid_rows()
 
     def time_range(self) -> tuple[int, int]:
-        lo, hi = self.con.execute(f"SELECT min(ts), max(ts) FROM ({self.src})").fetchall()[0]
-        if lo is None:
+        if not self.files:
             raise ValueError(f"{self.dir}: the trace has no samples")
-        return int(lo), int(hi)
+        return min(lo for _, lo, _ in self.files), max(hi for _, _, hi in self.files)
+
+
+def _empty_series_hours() -> pl.DataFrame:
+    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "hour": pl.Int64, "first_ts": pl.Int64,
+                                "first": pl.Float64, "last_ts": pl.Int64, "last": pl.Float64, "vmin": pl.Float64,
+                                "vmax": pl.Float64, "vsum": pl.Float64, "n": pl.Int64})
+
+
+def _empty_xid_rows() -> pl.DataFrame:
+    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "ts": pl.Int64, "value": pl.Float64})
 
 
 class StoreSource:
@@ -203,8 +253,12 @@ class StoreSource:
     def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
         return series_hours(self.store.cursor(), _STORE_SRC, start_ms, end_ms)
 
-    def xid_events(self, start_ms: int, end_ms: int, data_start_ms: int) -> pl.DataFrame:
-        return xid_events(self.store.cursor(), _STORE_SRC, start_ms, end_ms, data_start_ms)
+    def xid_rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return xid_rows(self.store.cursor(), _STORE_SRC, start_ms, end_ms)
+
+    def time_range(self) -> tuple[int, int] | None:
+        lo, hi = self.store.cursor().execute("SELECT min(ts), max(ts) FROM samples").fetchall()[0]
+        return None if lo is None else (int(lo), int(hi))
 
 
 # ---------------------------------------------------------------------------- step 2: rollup
@@ -235,8 +289,8 @@ class Rollup:
 
     chips: pl.DataFrame     # cluster node chip uuid rack vendor model hour last_ts <signal columns>
     nodes: pl.DataFrame     # cluster node hour node_last_ts <node signal columns>
-    carry: pl.DataFrame     # name labels last_hour last  (each counter series' last value)
-    chip_meta: pl.DataFrame = field(default_factory=pl.DataFrame)
+    carry: pl.DataFrame     # name labels c_hour c_last  (each counter series' last value)
+    xcarry: pl.DataFrame | None = None   # each XID counter series' last value
 
 
 def _empty_carry() -> pl.DataFrame:
@@ -251,22 +305,26 @@ def rollup(sh: pl.DataFrame, carry: pl.DataFrame | None = None) -> Rollup:
     carry = _empty_carry() if carry is None else carry
     sh = sh.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String),
                          pl.col("hour").cast(pl.Int64))
-    sh = _with_labels(sh)
+    # labels are decoded and signals assigned once per distinct series, then joined back by id
+    series = _with_labels(sh.select("name", "labels").unique()).with_row_index("sid")
+    keys = series.select("sid", "name", "labels", *CHIP_KEY, "rack", "vendor", "model")
+    sh = sh.join(series.select("sid", "name", "labels"), on=["name", "labels"], how="left")
+    shk = sh.select("sid", "hour", "last_ts").join(keys.select("sid", *CHIP_KEY, "rack", "vendor", "model"), on="sid")
     # presence: newest sample time of each chip and each node per hour (any health metric)
-    chip_rows = sh.filter(pl.col("chip").is_not_null() & (pl.col("chip") != ""))
+    chip_rows = shk.filter(pl.col("chip").is_not_null() & (pl.col("chip") != ""))
     presence = chip_rows.group_by(CHIP_KEY + ["hour"]).agg(
         pl.col("last_ts").max(), pl.col("rack").drop_nulls().last(), pl.col("vendor").drop_nulls().last(),
         pl.col("model").drop_nulls().last())
-    node_presence = sh.group_by(NODE_KEY + ["hour"]).agg(node_last_ts=pl.col("last_ts").max(),
-                                                         rack=pl.col("rack").drop_nulls().last())
-
-    tagged = _signal_of(sh)
+    node_presence = shk.group_by(NODE_KEY + ["hour"]).agg(node_last_ts=pl.col("last_ts").max(),
+                                                          rack=pl.col("rack").drop_nulls().last())
+    sig = _signal_of(series).select("sid", "signal")
+    tagged = sh.join(sig, on="sid", how="inner").join(keys.select("sid", *CHIP_KEY), on="sid")
     counters = [n for n, s in _SIGNAL.items() if s.agg == "inc"]
     is_inc = pl.col("signal").is_in(counters)
     # counter increases per series-hour: sort per series, compare with the previous hour's last
-    inc_rows = tagged.filter(is_inc).sort("name", "labels", "hour")
+    inc_rows = tagged.filter(is_inc).sort("sid", "signal", "hour")
     inc_rows = inc_rows.join(carry, on=["name", "labels"], how="left")
-    prev_last = pl.col("last").shift(1).over(["name", "labels", "signal"])
+    prev_last = pl.col("last").shift(1).over(["sid", "signal"])
     prev = pl.coalesce(prev_last, pl.col("c_last"))
     within = pl.col("last") - pl.col("first")          # no earlier value: what changed inside the hour
     inc_rows = inc_rows.with_columns(
@@ -324,19 +382,29 @@ def concat_rollups(parts: list[Rollup]) -> Rollup:
     return Rollup(chips, nodes, parts[-1].carry if parts else _empty_carry())
 
 
-def read_hours(source, start_ms: int, end_ms: int, chunk_hours: int = 24,
-               carry: pl.DataFrame | None = None) -> Rollup:
-    """Roll up [start_ms, end_ms) chunk by chunk (aligned to hours)."""
+def read_hours(source, start_ms: int, end_ms: int, chunk_hours: int = 24, carry: pl.DataFrame | None = None,
+               xcarry: pl.DataFrame | None = None, data_start_ms: int | None = None) -> tuple[Rollup, pl.DataFrame]:
+    """Roll up [start_ms, end_ms) chunk by chunk (aligned to hours): (rollup, XID events).
+
+    `data_start_ms`: where the data begins (an XID series first seen later is new); default start_ms."""
     start_ms = start_ms - start_ms % HOUR_MS
+    data_start_ms = start_ms if data_start_ms is None else data_start_ms
     parts: list[Rollup] = []
+    events: list[pl.DataFrame] = []
     t = start_ms
     while t < end_ms:
         t2 = min(end_ms, t + chunk_hours * HOUR_MS)
         r = rollup(source.series_hours(t, t2), carry)
+        ev, xcarry = xid_increments(source.xid_rows(t, t2), xcarry, data_start_ms)
         carry = r.carry
         parts.append(r)
+        events.append(ev)
         t = t2
-    return concat_rollups(parts) if parts else Rollup(pl.DataFrame(), pl.DataFrame(), _empty_carry())
+    if not parts:
+        return Rollup(pl.DataFrame(), pl.DataFrame(), _empty_carry()), _empty_events()
+    r = concat_rollups(parts)
+    r.xcarry = xcarry
+    return r, pl.concat(events)
 
 
 # ---------------------------------------------------------------------------- step 4: features
@@ -356,6 +424,12 @@ MODEL_FEATURES = [
     "efa_retrans_ratio", "efa_unresp_1h", "efa_unresp_24h", "efa_flap_hours_6h",
     "is_trainium",
 ]
+
+
+def _sum(col: str) -> pl.Expr:
+    """Sum that stays null when every value is null (polars' sum would say 0: "no counter" is
+    not "no errors", and the ECC fallback from aggregate to volatile counters depends on it)."""
+    return pl.when(pl.col(col).count() > 0).then(pl.col(col).sum()).alias(col)
 
 
 def _roll(col: str, hours: int) -> pl.Expr:
@@ -383,7 +457,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
             chips = chips.with_columns(pl.lit(None, pl.Float64).alias(s))
     chips = chips.group_by(CHIP_KEY + ["hour"]).agg(
         pl.col("last_ts").max(), pl.col("rack", "vendor", "model").drop_nulls().last(),
-        *[(pl.col(s).sum() if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg == "min"
+        *[(_sum(s) if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg == "min"
            else pl.col(s).max()) for s in _SIGNAL if _SIGNAL[s].level == "chip"])
     last_hour = int(chips["hour"].max()) if end_hour is None else int(end_hour)
     ents = chips.group_by(CHIP_KEY).agg(
@@ -403,7 +477,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
                 nodes = nodes.with_columns(pl.lit(None, pl.Float64).alias(s))
         nodes = nodes.group_by(NODE_KEY + ["hour"]).agg(
             pl.col("node_last_ts").max(),
-            *[(pl.col(s).sum() if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg in ("min", "minmax")
+            *[(_sum(s) if _SIGNAL[s].agg == "inc" else pl.col(s).min() if _SIGNAL[s].agg in ("min", "minmax")
                else pl.col(s).max()) for s in node_sig])
         g = g.join(nodes, on=NODE_KEY + ["hour"], how="left")
     else:
@@ -488,6 +562,5 @@ def load_trace(trace_dir: str, chunk_hours: int = 24) -> tuple[Rollup, pl.DataFr
     """Roll up a whole trace: (rollup, xid events, start_ms, end_ms)."""
     src = TraceSource(trace_dir)
     lo, hi = src.time_range()
-    r = read_hours(src, lo, hi + 1, chunk_hours)
-    ev = src.xid_events(lo, hi + 1, data_start_ms=lo)
+    r, ev = read_hours(src, lo, hi + 1, chunk_hours, data_start_ms=lo)
     return r, ev, lo, hi + 1
