@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+from dataclasses import replace
 import time
 from collections import Counter
 from typing import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from collector.remediate.budget import Budget, Inventory
 MetricRows = list[tuple[str, dict[str, str], int, float | None]]
 
 OUT_OF_SERVICE_STATES = (State.FAILING, State.DEGRADED)
+NODE_CHIP = "node"   # the chip id under which node-level verdicts (chip "") are held and audited
 
 
 class _SafeFormat(dict):
@@ -75,6 +77,8 @@ class Remediator:
             self._refresh_inventory()
             latest: dict[str, Verdict] = {}
             for v in verdicts:
+                if not v.chip.chip:   # a node-level verdict (e.g. EFA port down): the node is the unit
+                    v = replace(v, chip=replace(v.chip, chip=NODE_CHIP))
                 old = latest.get(v.chip.key)
                 if old is None or v.observed_at >= old.observed_at:
                     latest[v.chip.key] = v
@@ -158,7 +162,8 @@ class Remediator:
     def _cordon(self, v: Verdict, held: Cordon | None, now: float) -> Decision | None:
         chip = v.chip
         cause = "; ".join(v.reasons) or f"{v.state.value} ({v.source})"
-        chip_reason = f"chip {chip.chip}" + (f" ({chip.uuid})" if chip.uuid else "") + f": {cause}"
+        chip_reason = ("node" if chip.chip == NODE_CHIP else f"chip {chip.chip}") + \
+            (f" ({chip.uuid})" if chip.uuid else "") + f": {cause}"
         all_held = self.audit.cordons(dry_run=self.dry_run)
         same_node = [c for c in all_held if c.cluster == chip.cluster and c.node == chip.node
                      and c.chip != chip.chip and c.state == "cordoned"]

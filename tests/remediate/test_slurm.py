@@ -190,3 +190,15 @@ def test_verdict_from_the_health_xid_table_and_two_chips_on_one_node(slurm, back
     assert drained(slurm, "gpu-002") == (True, "shopfloor: chip 6 (GPU-gpu-002-6): XID 48: double-bit ECC error")
     rem.mark_healthy("c1", "gpu-002", "6", by="ops", now=NOW + 4)
     assert drained(slurm, "gpu-002") == (False, "")
+
+
+def test_a_node_level_verdict_drains_the_node_as_a_whole(slurm, backend):
+    from collector.health.verdict import Action, ChipRef, State, Verdict
+    rem = make(backend)
+    v = Verdict(ChipRef("c1", "gpu-004", "", rack="r2"), State.FAILING, Action.DRAIN,
+                ("EFA port rdmap16s27 down for 10 minutes",), "rule", NOW)
+    [d] = rem.apply([v], now=NOW + 1)
+    assert (d.chip, d.outcome) == ("node", "done")
+    assert drained(slurm, "gpu-004") == (True, "shopfloor: node: EFA port rdmap16s27 down for 10 minutes")
+    assert rem.mark_healthy("c1", "gpu-004", "node", by="ops", now=NOW + 2).outcome == "done"
+    assert drained(slurm, "gpu-004") == (False, "")
