@@ -15,15 +15,23 @@ alert whose last send is older than resend_delay, and every alert resolved since
 A firing alert is sent with endsAt = now + 4 x max(resend_delay, interval) (its "valid until"),
 so Alertmanager resolves it by itself if the collector dies and stops re-sending.
 
-Not implemented (unused by our rules): the ALERTS / ALERTS_FOR_STATE series and restoring
-`for` state across restarts (a restarted collector starts alerts as pending again), group
-`limit` and `query_offset` (refused when set, see loader.py).
+Restarts: with a state file, the active alerts (their activeAt, firedAt, last send ...) are saved
+after every group evaluation (write, fsync, rename) and restored at start when the file is less
+than an hour old (Prometheus' default outage tolerance), so a collector restart neither resets
+`for` timers nor lets Alertmanager resolve and re-page alerts that are still true. The downtime
+counts toward `for`, which is simpler than Prometheus' ALERTS_FOR_STATE restore and errs on the
+side of firing.
+
+Not implemented (unused by our rules): the ALERTS / ALERTS_FOR_STATE series, group `limit` and
+`query_offset` (refused when set, see loader.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +45,7 @@ from collector.rules.loader import GroupSpec, RuleSpec
 log = logging.getLogger("shopfloor.rules")
 
 RESOLVED_RETENTION_S = 15 * 60   # Prometheus' resolvedRetention
+OUTAGE_TOLERANCE_S = 3600        # Prometheus' --rules.alert.for-outage-tolerance
 NAME = "__name__"
 
 
@@ -260,8 +269,11 @@ class RuleManager:
                  resend_delay_s: float = 60.0, external_labels: Mapping[str, str] | None = None,
                  external_url: str = "", notify: Notify | None = None, write=None,
                  on_failure: Callable[[str], None] | None = None,
-                 on_notify_failure: Callable[[int], None] | None = None):
+                 on_notify_failure: Callable[[int], None] | None = None,
+                 state_path: str | os.PathLike | None = None):
         self.engine = engine
+        self.state_path = state_path
+        self._state_lock = threading.Lock()
         self.resend_delay_s = resend_delay_s
         self.external_labels = dict(external_labels or {})
         self.external_url = external_url.rstrip("/")
@@ -300,6 +312,8 @@ class RuleManager:
                     for a in rule.to_send(ts, self.resend_delay_s, group.interval_s):
                         payload.append(self.alertmanager_alert(a, rule.spec.expr))
             group.last_evaluation, group.evaluation_time = ts, time.monotonic() - started
+        if self.state_path is not None:
+            self.save_state(ts)
         if failed:
             self.on_failure(group.name)
         if payload and self.notify is not None:
@@ -318,6 +332,53 @@ class RuleManager:
         return {"labels": labels, "annotations": dict(a.annotations),
                 "startsAt": rfc3339(a.fired_at), "endsAt": rfc3339(ends),
                 "generatorURL": f"{self.external_url}/graph?g0.expr={quote(expr, safe='')}&g0.tab=1"}
+
+    # ------------------------------------------------------------------ state across restarts
+    _FIELDS = ("labels", "annotations", "value", "state", "active_at", "fired_at", "resolved_at",
+               "last_sent_at", "valid_until", "keep_firing_since")
+
+    def save_state(self, now: float | None = None) -> None:
+        doc: dict = {"version": 1, "saved_at": time.time() if now is None else now, "groups": {}}
+        for g in self.groups:
+            with g.lock:
+                rules = {r.name: [{f: getattr(a, f) for f in self._FIELDS} for a in r.active.values()]
+                         for r in g.rules if isinstance(r, AlertingRule) and r.active}
+            if rules:
+                doc["groups"][f"{g.spec.file};{g.name}"] = rules
+        tmp = f"{self.state_path}.tmp"
+        with self._state_lock:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f, allow_nan=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+
+    def restore_state(self, now: float | None = None) -> int:
+        """Load saved alerts into their rules; returns how many were restored."""
+        now = time.time() if now is None else now
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("rules: ignoring unreadable state file %s: %s", self.state_path, exc)
+            return 0
+        if doc.get("version") != 1 or now - float(doc.get("saved_at", 0)) > OUTAGE_TOLERANCE_S:
+            log.info("rules: state file %s is too old or from another version; starting fresh", self.state_path)
+            return 0
+        restored = 0
+        for g in self.groups:
+            saved = doc["groups"].get(f"{g.spec.file};{g.name}", {})
+            for r in g.rules:
+                if not isinstance(r, AlertingRule):
+                    continue
+                for entry in saved.get(r.name, []):
+                    a = Alert(**{f: entry.get(f) for f in self._FIELDS})
+                    r.active[_fingerprint(a.labels)] = a
+                    restored += 1
+        log.info("rules: restored %d active alert(s) from %s", restored, self.state_path)
+        return restored
 
     def active_alerts(self) -> list[dict]:
         out = []

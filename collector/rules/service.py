@@ -11,6 +11,8 @@ Config section `rules` of the collector's YAML:
       external_url: http://collector.example:9600   # generatorURL prefix (default: the listen address)
       external_labels: {site: dc1}       # added to alerts sent to Alertmanager
       self_metrics: true                 # store the collector's own catalog metrics every interval
+      state_file: /var/lib/shopfloor/rules-state.json   # active alerts across restarts
+                                         # (default: next to the DuckDB file; none for :memory:)
 
 Self-metrics: the pipeline alerts (ingest failing, shedding, rule failures, notification
 failures) query the collector's own counters, which live on its /metrics registry, not in the
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
@@ -43,7 +46,7 @@ from collector.rules.loader import load_rule_files
 log = logging.getLogger("shopfloor.rules")
 
 _KEYS = {"rule_files", "interval", "alertmanager_url", "alertmanager_timeout", "resend_delay",
-         "external_url", "external_labels", "self_metrics"}
+         "external_url", "external_labels", "self_metrics", "state_file"}
 
 
 @dataclass
@@ -56,6 +59,7 @@ class RulesConfig:
     external_url: str = ""
     external_labels: dict[str, str] = field(default_factory=dict)
     self_metrics: bool = True
+    state_file: str | None = None
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> "RulesConfig":
@@ -89,6 +93,7 @@ class RulesConfig:
         if not isinstance(flag, bool):
             raise ConfigError("rules.self_metrics: must be true or false")
         cfg.self_metrics = flag
+        cfg.state_file = str(section["state_file"]) if section.get("state_file") else None
         return cfg
 
 
@@ -120,7 +125,14 @@ def build_manager(ctx) -> RuleManager:
         external_url=cfg.external_url or f"http://{ctx.config.listen}",
         notify=client.send if client else None, write=ctx.writer.write,
         on_failure=lambda group: failures.labels(group).inc(),
-        on_notify_failure=lambda n: failed_notifications.inc(n))
+        on_notify_failure=lambda n: failed_notifications.inc(n),
+        state_path=cfg.state_file or _default_state_file(ctx.config.db))
+
+
+def _default_state_file(db: str) -> str | None:
+    if not db or db == ":memory:":
+        return None
+    return str(Path(db).with_name(Path(db).name + ".rules-state.json"))
 
 
 def record_self_metrics(ctx, now_s: float | None = None):
@@ -139,6 +151,8 @@ def record_self_metrics(ctx, now_s: float | None = None):
 def make_router(ctx) -> APIRouter:
     cfg = RulesConfig.from_section(ctx.config.rules)
     manager = build_manager(ctx)
+    if manager.state_path is not None:
+        manager.restore_state()
     ctx.extras["rules"] = manager
     start = datetime.now(timezone.utc) + timedelta(seconds=1)
     if cfg.self_metrics:

@@ -269,3 +269,41 @@ groups:
                 {"self_metrics": "maybe"}):
         with pytest.raises(ConfigError):
             RulesConfig.from_section(bad)
+
+
+def test_active_alerts_survive_a_restart(store, tmp_path):
+    """A restarted collector keeps `for` timers and firing alerts (no resolve-and-re-page)."""
+    writer = Writer(store)
+    write_gauge(writer, "hw.gpu.row_remap.pending", CHIP, [1] * 40, step_s=60)
+    p = catalog().prom("hw.gpu.row_remap.pending")
+    text = f"""
+groups:
+  - name: g
+    rules:
+      - alert: Pending
+        expr: {p} == 1
+        for: 10m
+"""
+    state = tmp_path / "rules-state.json"
+    sent: list = []
+    first = RuleManager(parse_rule_file(text, "r.yaml"), Engine(store), notify=sent.append, state_path=state)
+    for t in range(0, 11 * 60, 60):
+        first.evaluate(first.groups[0], T0 + t)
+    assert first.groups[0].rules[0].state() == "firing" and len(sent) == 1
+    starts_at = sent[0][0]["startsAt"]
+
+    again: list = []
+    second = RuleManager(parse_rule_file(text, "r.yaml"), Engine(store), notify=again.append, state_path=state)
+    rule = second.groups[0].rules[0]
+    assert second.restore_state(now=T0 + 10 * 60 + 20) == 1
+    assert rule.state() == "firing"                    # restored, not pending again
+    second.evaluate(second.groups[0], T0 + 10 * 60 + 30)
+    assert again == [] and rule.state() == "firing"    # last send (at 10 min) was 30 s ago: no duplicate
+    second.evaluate(second.groups[0], T0 + 13 * 60)
+    assert again[0][0]["startsAt"] == starts_at        # the same alert, re-sent
+
+    # an hour-old state file is not trusted
+    stale = RuleManager(parse_rule_file(text, "r.yaml"), Engine(store), state_path=state)
+    assert stale.restore_state(now=T0 + 13 * 60 + 3601) == 0
+    state.write_text("{broken")
+    assert RuleManager(parse_rule_file(text, "r.yaml"), Engine(store), state_path=state).restore_state() == 0
