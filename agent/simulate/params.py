@@ -104,8 +104,12 @@ HARDWARE = {
     "aws": Hardware("aws", "trainium2", 16, 96 * 2**30, 90.0, 500.0, 30.0, 0.08,
                     90.0, 16, 200e9 / 8, 0, 8, "2.19.64.0", "trn2.48xlarge"),
 }
-# NVML temperature thresholds for the simulated B200 (E: NVIDIA does not publish them).
-GPU_TEMP_LIMITS = {"shutdown": 97.0, "slowdown": 92.0, "gpu_max": 87.0, "memory_max": 95.0}
+# NVML temperature thresholds for the simulated B200, as in the recording the NVML source is tested
+# on (tests/fixtures/nvml/recorded_b200x8.json); E: NVIDIA does not publish them.
+GPU_TEMP_LIMITS = {"shutdown": 97.0, "slowdown": 94.0, "gpu_max": 92.0, "memory_max": 95.0}
+# PCI bus ids of the 8 GPUs of an HGX B200 board (same recording), NVML's 8-digit-domain form.
+GPU_PCI_BUS_IDS = ("00000000:1B:00.0", "00000000:43:00.0", "00000000:52:00.0", "00000000:61:00.0",
+                   "00000000:9D:00.0", "00000000:C3:00.0", "00000000:D1:00.0", "00000000:DF:00.0")
 
 # Baseline error rates of a healthy chip, per day (E).
 CORRECTED_ECC_PER_DAY = 0.3

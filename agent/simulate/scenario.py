@@ -184,9 +184,10 @@ def _candidate_events(rng, sc_regimes, mode: P.FailureMode, entity_vendor: np.nd
 
 
 def build_scenario(seed: int, start_ms: int, duration_s: int, nodes: int, chips: int | None,
-                   trainium_share: float) -> Scenario:
+                   trainium_share: float, schedule: bool = True) -> Scenario:
     """Draw the whole ground truth. Separate child generators per concern keep each part stable
-    when another part's parameters change."""
+    when another part's parameters change (the failures do not depend on the jobs, so a
+    statistical check of the fault processes may skip the scheduler with schedule=False)."""
     ss = np.random.SeedSequence(seed)
     r_fleet, r_regime, r_fail, r_jobs, r_ids = (np.random.default_rng(s) for s in ss.spawn(5))
     end_ms = start_ms + duration_s * 1000
@@ -255,10 +256,15 @@ def build_scenario(seed: int, start_ms: int, duration_s: int, nodes: int, chips:
                   np.array(inc_slot, dtype=np.int64), inc_uuid,
                   np.array(inc_from, dtype=np.int64), np.array(inc_to, dtype=np.int64),
                   np.array(inc_initial, dtype=bool), failures,
-                  *_build_jobs(r_jobs, fleet, start_ms, end_ms),
+                  *(_build_jobs(r_jobs, fleet, start_ms, end_ms) if schedule else _no_jobs()),
                   chips_override=chips, trainium_share=trainium_share)
     _chip_events(sc, r_fail)
     return sc
+
+
+def _no_jobs():
+    empty = np.zeros(0, dtype=np.int64)
+    return [], empty, empty, empty, empty, []
 
 
 def _build_jobs(rng, fleet: Fleet, start: int, end: int):

@@ -373,17 +373,22 @@ class Renderer:
         for vendor, rows in (("nvidia", nv), ("aws", aws)):
             hw = P.HARDWARE[vendor]
             for k in np.unique(self.inc_chip[inc][rows]):
-                bus = f"0000:{0x18 + 0x10 * int(k):02x}:00.0"
-                chip("hw.gpu.info", np.ones((C, T)),
-                     (("driver_version", hw.driver), ("instance_type", hw.instance_type), ("pci_bus_id", bus)),
-                     rows=rows & (self.inc_chip[inc] == k))
+                k = int(k)
+                if vendor == "nvidia":
+                    # NVML's device info carries no instance type
+                    bus = P.GPU_PCI_BUS_IDS[k] if k < len(P.GPU_PCI_BUS_IDS) else f"00000000:{0x10 + k:02X}:00.0"
+                    extra = (("driver_version", hw.driver), ("pci_bus_id", bus))
+                else:
+                    extra = (("driver_version", hw.driver), ("instance_type", hw.instance_type),
+                             ("pci_bus_id", f"0000:{0x10 + k:02x}:1c.0"))
+                chip("hw.gpu.info", np.ones((C, T)), extra, rows=rows & (self.inc_chip[inc] == k))
         chip("hw.gpu.memory_controller.utilization", np.round(util * 0.6, 2), rows=nv)
         chip("hw.power.limit", np.full((C, T), P.HARDWARE["nvidia"].tdp_w), rows=nv)
         chip("hw.energy", np.round(ctr(("energy",), np.where(present, power * step_s, 0), 5e9), 3), rows=nv)
         L = P.GPU_TEMP_LIMITS
         for sensor, threshold in (("gpu", "shutdown"), ("gpu", "slowdown"), ("gpu", "gpu_max"), ("memory", "memory_max")):
             chip("hw.temperature.limit", np.full((C, T), L[threshold]), (("sensor", sensor), ("threshold", threshold)), rows=nv)
-        sm = np.where(util > 0, 1965e6 - 300e6 * (power > 950), 645e6)
+        sm = np.where(util > 0, 1965e6 - 300e6 * (power > 950), 345e6)
         chip("hw.gpu.clock", sm, (("clock", "sm"),), rows=nv)
         chip("hw.gpu.clock", np.full((C, T), 3996e6), (("clock", "memory"),), rows=nv)
         for link in range(P.HARDWARE["nvidia"].nvlinks):

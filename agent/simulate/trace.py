@@ -31,31 +31,63 @@ SAMPLES_SCHEMA = pa.schema([
 _PARQUET = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
 
 
-def block_table(block: Block, labeler: Labeler) -> pa.Table:
+class SeriesIndex:
+    """Integer ids for label strings, and each group's ids cached across blocks.
+
+    A group (one metric, one attribute set, the same chips) recurs in every block, so its label
+    strings are looked up once and later blocks only concatenate integer arrays."""
+
+    _MAX_GROUPS = 50_000
+
+    def __init__(self, labeler: Labeler):
+        self.labeler = labeler
+        self.strings: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._groups: dict[tuple, np.ndarray] = {}
+
+    def _id(self, text: str) -> int:
+        i = self._ids.get(text)
+        if i is None:
+            i = self._ids[text] = len(self.strings)
+            self.strings.append(text)
+        return i
+
+    def label_ids(self, g) -> np.ndarray:
+        if g.per_row is not None:
+            return np.array([self._id(self.labeler.label_json(g.otel, g.kind, e, extra))
+                             for e, extra in zip(g.ids.tolist(), g.per_row)], dtype=np.int64)
+        key = (g.kind, g.extra, g.ids.tobytes())
+        ids = self._groups.get(key)
+        if ids is None:
+            if len(self._groups) >= self._MAX_GROUPS:
+                self._groups.clear()
+            ids = self._groups[key] = np.array(
+                [self._id(self.labeler.label_json(g.otel, g.kind, e, g.extra)) for e in g.ids.tolist()], dtype=np.int64)
+        return ids
+
+
+def block_table(block: Block, index: SeriesIndex) -> pa.Table:
     """One block as rows (ts, name, labels, value), series by series; silent steps dropped."""
     cat = catalog()
-    names, labels, values = [], [], []
-    for g in block.groups:
-        prom = cat.prom(g.otel)
-        for j, e in enumerate(g.ids.tolist()):
-            extra = g.per_row[j] if g.per_row is not None else g.extra
-            labels.append(labeler.label_json(g.otel, g.kind, e, extra))
-            names.append(prom)
-        values.append(g.values)
-    T = block.ts.size
-    if not values:
+    groups = [g for g in block.groups if g.ids.size]
+    if not groups:
         return SAMPLES_SCHEMA.empty_table()
-    matrix = np.vstack(values)
+    T = block.ts.size
+    names = sorted({cat.prom(g.otel) for g in groups})
+    name_of = {n: i for i, n in enumerate(names)}
+    series_name = np.concatenate([np.full(g.ids.size, name_of[cat.prom(g.otel)], dtype=np.int32) for g in groups])
+    series_label = np.concatenate([index.label_ids(g) for g in groups])
+    label_ids, label_idx = np.unique(series_label, return_inverse=True)
+    matrix = np.vstack([g.values for g in groups])
     S = matrix.shape[0]
     flat = matrix.ravel()
     keep = ~np.isnan(flat)
-    name_dict, name_idx = np.unique(np.array(names, dtype=object), return_inverse=True)
-    label_dict, label_idx = np.unique(np.array(labels, dtype=object), return_inverse=True)
     series = np.repeat(np.arange(S, dtype=np.int32), T)[keep]
     return pa.table([
         pa.array(np.tile(block.ts, S)[keep], pa.int64()),
-        pa.DictionaryArray.from_arrays(name_idx.astype(np.int32)[series], pa.array(name_dict.tolist(), pa.string())),
-        pa.DictionaryArray.from_arrays(label_idx.astype(np.int32)[series], pa.array(label_dict.tolist(), pa.string())),
+        pa.DictionaryArray.from_arrays(series_name[series], pa.array(names, pa.string())),
+        pa.DictionaryArray.from_arrays(label_idx.astype(np.int32)[series],
+                                       pa.array([index.strings[i] for i in label_ids.tolist()], pa.string())),
         pa.array(flat[keep], pa.float64()),
     ], schema=SAMPLES_SCHEMA)
 
@@ -72,7 +104,7 @@ def write_trace(out: str | Path, sc: Scenario, step_s: int, metric_set: str = "h
         raise FileExistsError(f"{out} is not empty; choose a new directory for the trace")
     (out / "samples").mkdir(parents=True, exist_ok=True)
     renderer = Renderer(sc, step_s, metric_set)
-    labeler = Labeler(renderer)
+    index = SeriesIndex(Labeler(renderer))
     ts_all = renderer.steps()
     block_steps = max(1, int(block_hours * 3600 // step_s))
     metric_names: set[str] = set()
@@ -83,7 +115,7 @@ def write_trace(out: str | Path, sc: Scenario, step_s: int, metric_set: str = "h
         writer = pq.ParquetWriter(out / "samples" / f"{date}.parquet", SAMPLES_SCHEMA, **_PARQUET)
         try:
             for block in renderer.blocks(ts_day, block_steps, block_seed=int(day)):
-                table = block_table(block, labeler)
+                table = block_table(block, index)
                 metric_names.update(table.column("name").chunk(0).dictionary.to_pylist() if table.num_rows else [])
                 writer.write_table(table, row_group_size=max(table.num_rows, 1))
         finally:
