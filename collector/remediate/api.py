@@ -143,6 +143,7 @@ def confirm_failure(audit: Audit, cluster: str, node: str, chip: str, by: str, m
     failed_at = now if failed_at is None else failed_at
     held = audit.get(cluster, node, chip)
     audit.confirm_failure(cluster, node, chip, failed_at=failed_at, actor=by, mode=mode)
+    audit.clear_override(cluster, node, chip)   # a confirmed failure may be cordoned again at once
     words = f"failure confirmed by {by}: {mode}, failed at {iso(failed_at)}" + (f" ({note})" if note else "")
     d = Decision(now, cluster, node, chip, "confirm_failure", "done", False, held.backend if held else "",
                  [words], {}, by)

@@ -45,6 +45,15 @@ CREATE TABLE IF NOT EXISTS remediation_cordons (
     healthy_since  TIMESTAMP,          -- start of the current healthy streak (return to service)
     PRIMARY KEY (cluster, node, chip)
 );
+CREATE TABLE IF NOT EXISTS remediation_overrides (
+    cluster  VARCHAR NOT NULL,
+    node     VARCHAR NOT NULL,
+    chip     VARCHAR NOT NULL,
+    actor    VARCHAR NOT NULL,     -- the operator who marked the chip healthy
+    ts       TIMESTAMP NOT NULL,
+    until    TIMESTAMP NOT NULL,   -- no new cordon for this chip before this time
+    PRIMARY KEY (cluster, node, chip)
+);
 """
 
 
@@ -175,6 +184,24 @@ class Audit:
     def remove(self, cluster: str, node: str, chip: str) -> None:
         with self.lock:
             self.con.execute("DELETE FROM remediation_cordons WHERE cluster = ? AND node = ? AND chip = ?",
+                             [cluster, node, chip])
+
+    # ------------------------------------------------------------------ operator overrides
+    def set_override(self, cluster: str, node: str, chip: str, *, actor: str, ts: float, until: float) -> None:
+        with self.lock:
+            self.con.execute("INSERT OR REPLACE INTO remediation_overrides VALUES (?, ?, ?, ?, ?, ?)",
+                             [cluster, node, chip, actor, to_ts(ts), to_ts(until)])
+
+    def override(self, cluster: str, node: str, chip: str, now: float) -> tuple[str, float, float] | None:
+        """(actor, ts, until) of an operator's "healthy" still in force for the chip, or None."""
+        r = self.con.cursor().execute(
+            "SELECT actor, ts, until FROM remediation_overrides WHERE cluster = ? AND node = ? AND chip = ? "
+            "AND until > ?", [cluster, node, chip, to_ts(now)]).fetchone()
+        return None if r is None else (r[0], from_ts(r[1]), from_ts(r[2]))
+
+    def clear_override(self, cluster: str, node: str, chip: str) -> None:
+        with self.lock:
+            self.con.execute("DELETE FROM remediation_overrides WHERE cluster = ? AND node = ? AND chip = ?",
                              [cluster, node, chip])
 
     # ------------------------------------------------------------------ operator-confirmed failures

@@ -12,7 +12,9 @@ node-local paths (health-check, benchmarks) call it too. Rules, in order:
      second chip on a node Shopfloor already holds takes nothing more out of service;
   4. dry-run (the default) records what it would do and touches no scheduler;
   5. a held chip returns to service after its verdicts were healthy for `healthy_window_s` and
-     the optional verification command succeeded; an operator can mark it healthy at once.
+     the optional verification command succeeded; an operator can mark it healthy at once, and
+     then old evidence does not cordon it again for `operator_override_s` (a confirmed failure
+     ends that early).
 Every decision, made or refused, is written to remediation_audit; a refusal repeated unchanged
 is written again only after `repeat_audit_s`, so a chip refused every 30 s does not flood it.
 """
@@ -48,7 +50,8 @@ class Remediator:
                  healthy_window_s: float = 3600.0, verify_command: Sequence[str] | None = None,
                  verify_timeout_s: float = 600.0, storm_nodes: int = 3, repeat_audit_s: float = 600.0,
                  metrics_sink: Callable[[MetricRows], object] | None = None,
-                 inventory_loader: Callable[[], Inventory] | None = None, inventory_refresh_s: float = 60.0):
+                 inventory_loader: Callable[[], Inventory] | None = None, inventory_refresh_s: float = 60.0,
+                 operator_override_s: float = 24 * 3600.0):
         self.backend = backend
         self.budget = budget
         self.audit = audit
@@ -59,6 +62,10 @@ class Remediator:
         self.storm_nodes = storm_nodes
         self.repeat_audit_s = repeat_audit_s
         self.metrics_sink = metrics_sink
+        # After an operator marks a chip healthy, the same (old) evidence must not cordon it again
+        # at the next evaluation: the health layer keeps a fatal XID's verdict for a day. New
+        # cordons for that chip wait this long, or until an operator confirms a failure.
+        self.operator_override_s = operator_override_s
         # Where the budget's chip counts come from (the collector's hw.gpu.info series), re-read
         # at most every inventory_refresh_s; without a loader the budget's inventory is fixed.
         self.inventory_loader = inventory_loader
@@ -104,6 +111,7 @@ class Remediator:
                                  [f"marked healthy by {by}; Shopfloor held nothing for this chip"], actor=by)
             else:
                 d = self._release(held, now, [f"marked healthy by {by}"], actor=by, action="mark_healthy")
+            self.audit.set_override(cluster, node, chip, actor=by, ts=now, until=now + self.operator_override_s)
             self._last_audit.pop(f"{cluster}/{node}/{chip}", None)
             self.budget.refresh_tripped(self.audit.cordons(dry_run=self.dry_run), self._new_last_hour(now))
             self._emit(now)
@@ -144,6 +152,13 @@ class Remediator:
                 return self._refuse(now, chip, [*v.reasons, f"job {v.job} reports the same trouble on "
                                                 f"{self.storm_nodes} or more nodes at once: treated as "
                                                 "fate-sharing; no cordon"], {}, kind="storm")
+            override = self.audit.override(chip.cluster, chip.node, chip.chip, now)
+            if override is not None:
+                by, at, until = override
+                return self._refuse(now, chip, [*v.reasons, f"marked healthy by {by} "
+                                                f"{(now - at) / 3600:.1f} h ago: no new cordon for this chip for "
+                                                f"{(until - now) / 3600:.1f} h more (or until a failure is confirmed)"],
+                                    {}, kind="override")
             age = now - v.observed_at
             if self.budget.is_stale(v, now):
                 return self._refuse(now, chip, [*v.reasons, f"stale data: newest sample is {age:.0f}s old "

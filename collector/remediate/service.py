@@ -7,6 +7,7 @@
       verify_command: []           # e.g. ["dcgmi", "diag", "-r", "2"]; {cluster} {node} {chip} {uuid} are filled in
       verify_timeout: 10m
       storm_nodes: 3               # the same job failing on this many nodes at once = fate-sharing
+      operator_override: 24h       # after `cordon healthy`, old evidence does not cordon the chip again
       budget: {max_cluster_percent: 2, max_nodes_per_rack: 1, max_new_per_hour: 5, max_age: 5m}
       slurm: {scontrol: ["scontrol"]}
       kubernetes: {kubeconfig: null, context: null}   # null: in-cluster config, else ~/.kube/config
@@ -27,7 +28,7 @@ from collector.remediate.budget import Budget, BudgetConfig, Inventory
 from collector.remediate.remediator import Remediator
 
 KNOWN = {"backend", "dry_run", "healthy_window", "verify_command", "verify_timeout", "storm_nodes",
-         "budget", "slurm", "kubernetes", "webhook"}
+         "operator_override", "budget", "slurm", "kubernetes", "webhook"}
 
 
 def _list(value: Any, where: str) -> list[str]:
@@ -86,6 +87,7 @@ def build(section: Mapping[str, Any], store, *, metrics_sink=None, backend=None,
         verify_command=_list(section.get("verify_command"), "remediation.verify_command"),
         verify_timeout_s=parse_duration(section.get("verify_timeout", "10m"), "remediation.verify_timeout"),
         storm_nodes=int(section.get("storm_nodes", 3)), metrics_sink=metrics_sink,
+        operator_override_s=parse_duration(section.get("operator_override", "24h"), "remediation.operator_override"),
         inventory_loader=lambda: Inventory.from_store(store))
     return rem
 

@@ -202,3 +202,18 @@ def test_a_node_level_verdict_drains_the_node_as_a_whole(slurm, backend):
     assert drained(slurm, "gpu-004") == (True, "shopfloor: node: EFA port rdmap16s27 down for 10 minutes")
     assert rem.mark_healthy("c1", "gpu-004", "node", by="ops", now=NOW + 2).outcome == "done"
     assert drained(slurm, "gpu-004") == (False, "")
+
+
+def test_old_evidence_does_not_redrain_a_chip_an_operator_marked_healthy(slurm, backend):
+    from collector.remediate.api import confirm_failure
+    rem = make(backend)
+    rem.apply([failing("gpu-001")], now=NOW)
+    rem.mark_healthy("c1", "gpu-001", "3", by="alice", now=NOW + 60)
+    # the health layer still says failing (it holds a fatal XID's verdict for a day)
+    [d] = rem.apply([failing("gpu-001", at=NOW + 120)], now=NOW + 120)
+    assert d.outcome == "refused" and "marked healthy by alice" in " ".join(d.reasons)
+    assert drained(slurm, "gpu-001") == (False, "")
+    # an operator confirms a real failure: the override ends, the next verdict drains
+    confirm_failure(rem.audit, "c1", "gpu-001", "3", "bob", "off_bus", "", NOW + 200)
+    [d] = rem.apply([failing("gpu-001", at=NOW + 210)], now=NOW + 210)
+    assert d.outcome == "done" and drained(slurm, "gpu-001")[0]
