@@ -143,7 +143,7 @@ class LiveHealth:
         if r.chips.is_empty():
             out: list[Verdict] = []
         else:
-            ev = evaluate(r, events, self._jobs(), self.model, end_hour=hour, hours_from=hour)
+            ev = evaluate(r, events, self._jobs(), self.model, end_hour=hour, hours_from=hour, now_ms=now_ms)
             out = verdicts(ev, self.model, hour=hour)
         with self.lock:
             self.latest, self.evaluated_at = out, now_ms / 1000.0

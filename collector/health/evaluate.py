@@ -35,11 +35,11 @@ class Evaluation:
 
 
 def evaluate(r: Rollup, events: pl.DataFrame, jobs: pl.DataFrame | None, model: RiskModel | None,
-             *, end_hour: int | None = None, hours_from: int | None = None) -> Evaluation:
+             *, end_hour: int | None = None, hours_from: int | None = None, now_ms: int | None = None) -> Evaluation:
     """Verdicts for every chip at the end of every hour >= hours_from (all hours when None)."""
     storms, marked = fate.find_storms(events, jobs)
     clean = marked.filter(~pl.col("in_storm")).drop("in_storm") if not marked.is_empty() else events
-    grid = features(r, clean, end_hour=end_hour)
+    grid = features(r, clean, end_hour=end_hour, now_ms=now_ms)
     if grid.is_empty():
         empty = pl.DataFrame()
         return Evaluation(grid, empty, empty, storms)
@@ -52,7 +52,7 @@ def evaluate(r: Rollup, events: pl.DataFrame, jobs: pl.DataFrame | None, model: 
     chip_rule = rules.combine(rules.chip_rules(grid), xr)
     node_rule = rules.node_rules(grid)
     risk = model.score(grid) if model is not None else None
-    g = grid.select(*CHIP_KEY, "rack", "vendor", "model", "hour", "t_ms", "silent_min")
+    g = grid.select(*CHIP_KEY, "rack", "vendor", "model", "hour", "t_ms", "silent_min", "node_silent_min")
     g = g.with_columns(risk=pl.Series("risk", risk, dtype=pl.Float64) if risk is not None else pl.lit(None, pl.Float64))
     g = g.join(chip_rule, on=CHIP_KEY + ["hour"], how="left")
     thr = model.threshold if model is not None else 2.0
@@ -64,8 +64,12 @@ def evaluate(r: Rollup, events: pl.DataFrame, jobs: pl.DataFrame | None, model: 
     by_rule = rank >= OUT
     by_model = ~by_rule & model_ok & (pl.col("risk").fill_null(0) >= thr)
     watch = ~by_rule & ~by_model & ((rank >= STATE_RANK[State.WATCH]) | (model_ok & (pl.col("risk").fill_null(0) >= wthr)))
+    # the whole node silent: no fresh data, so no new judgement (a cordon already asked for stays)
+    stale = (pl.col("node_silent_min").fill_null(0) >= rules.SILENT_MIN) & ~(by_rule & (arank >= ACTION_RANK[Action.DRAIN]))
+    by_rule, by_model, watch = by_rule & ~stale, by_model & ~stale, watch & ~stale
     g = g.with_columns(
-        state=pl.when(by_rule).then(rank).when(by_model).then(pl.lit(OUT))
+        state=pl.when(stale).then(pl.lit(STATE_RANK[State.UNKNOWN]))
+        .when(by_rule).then(rank).when(by_model).then(pl.lit(OUT))
         .when(watch).then(pl.lit(STATE_RANK[State.WATCH])).otherwise(pl.lit(STATE_RANK[State.HEALTHY])),
         action=pl.when(by_rule).then(arank).when(by_model).then(pl.lit(ACTION_RANK[Action.DRAIN]))
         .when(watch).then(pl.max_horizontal(arank, pl.lit(ACTION_RANK[Action.WATCH])))
@@ -99,6 +103,8 @@ def verdicts(ev: Evaluation, model: RiskModel | None, hour: int | None = None,
         key = tuple(row[k] for k in CHIP_KEY)
         feats = grid_rows.get(key, {})
         reasons = list(row.get("rule_reasons") or [])
+        if state == State.UNKNOWN:
+            reasons = [f"no data from node {row['node']} for {feats.get('node_silent_min', 0):.0f} min"]
         if row["source"] == "model" and model is not None:
             reasons = [f"risk {row['risk']:.2f} of failing within {model.meta.get('horizon_h', 168) // 24} days: "
                        + "; ".join(model.explain(feats))] + reasons

@@ -443,12 +443,14 @@ def _count(col: str, hours: int) -> pl.Expr:
     return cum - cum.shift(hours).over("eid").fill_null(0)
 
 
-def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None = None) -> pl.DataFrame:
+def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None = None,
+             now_ms: int | None = None) -> pl.DataFrame:
     """Dense chip x hour grid of features; the row for hour h is what was known at (h+1)*1h.
 
     Chips are (cluster, node, chip, uuid): a replaced chip (new uuid) starts afresh and the old
     one's rows stop where the new one's begin. `end_hour` extends the grid to that hour (a chip
-    silent since then is still evaluated: that is how "fallen off the bus" shows)."""
+    silent since then is still evaluated: that is how "fallen off the bus" shows). `now_ms` is
+    the evaluation time of the live service when it falls inside the last, partial hour."""
     chips = r.chips
     if chips.is_empty():
         return pl.DataFrame()
@@ -510,13 +512,17 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
     last_seen = pl.col("last_ts").forward_fill().over("eid")
     node_seen = pl.col("node_last_ts").forward_fill().over("eid")
     end_ms = (pl.col("hour") + 1) * HOUR_MS
+    if now_ms is not None:
+        end_ms = pl.min_horizontal(end_ms, pl.lit(int(now_ms)))
     g = g.with_columns(
         t_ms=end_ms,
         ecc_corr_1h=_roll("ecc_corr", 1), ecc_corr_24h=_roll("ecc_corr", 24),
         ecc_corr_6h=_roll("ecc_corr", 6),
         ecc_corr_base=rate_base("ecc_corr"),
-        ecc_uncorr_1h=_roll("ecc_uncorr", 1), ecc_uncorr_7d=_roll("ecc_uncorr", BASELINE_H),
-        sram_uncorr_1h=_roll("sram_uncorr", 1), sram_corr_24h=_roll("sram_corr", 24),
+        ecc_uncorr_1h=_roll("ecc_uncorr", 1), ecc_uncorr_24h=_roll("ecc_uncorr", 24),
+        ecc_uncorr_7d=_roll("ecc_uncorr", BASELINE_H),
+        sram_uncorr_1h=_roll("sram_uncorr", 1), sram_uncorr_24h=_roll("sram_uncorr", 24),
+        sram_corr_24h=_roll("sram_corr", 24),
         remap_uncorr_1h=_roll("remap_uncorr", 1), remap_corr_7d=_roll("remap_corr", BASELINE_H),
         remap_pending=fwd("remap_pending"), remap_failure=fwd("remap_failure"),
         retired_total=(fwd("retired_sbe").fill_null(0) + fwd("retired_dbe").fill_null(0)),
@@ -536,6 +542,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         throttle_6h=_roll("throttle_thermal", 6) / _count("throttle_thermal", 6).clip(1, None),
         throttle_24h=_roll("throttle_thermal", 24) / _count("throttle_thermal", 24).clip(1, None),
         neuron_hw_1h=_roll("neuron_hw_errors", 1), neuron_hw_24h=_roll("neuron_hw_errors", 24),
+        neuron_hw_peak_24h=pl.col("neuron_hw_errors").fill_null(0).rolling_max(24, min_samples=1).over("eid"),
         xid_7d=_roll("xid_n", BASELINE_H), xid_30d=_roll("xid_n", 24 * 30),
         efa_retrans_1h=_roll("efa_retrans", 1), efa_retrans_base=rate_base("efa_retrans"),
         efa_unresp_1h=_roll("efa_unresponsive", 1), efa_unresp_24h=_roll("efa_unresponsive", 24),

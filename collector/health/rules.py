@@ -57,12 +57,14 @@ nvidia = pl.col("vendor") != "aws"
 reporting = pl.col("silent_min").fill_null(0) < SILENT_MIN
 
 CHIP_RULES: tuple[Rule, ...] = (
-    Rule("ecc_uncorrectable", (_n("ecc_uncorr_1h") > 0) & nvidia, State.FAILING, Action.RESET_GPU,
-         _f("uncorrectable ECC errors: {} in the last hour", "ecc_uncorr_1h")),
-    Rule("hbm_uncorrectable", (_n("ecc_uncorr_1h") > 0) & ~nvidia, State.FAILING, Action.DRAIN,
-         _f("uncorrectable HBM ECC errors: {} in the last hour", "ecc_uncorr_1h")),
-    Rule("sram_uncorrectable", _n("sram_uncorr_1h") > 0, State.FAILING, Action.DRAIN,
-         _f("uncorrectable SRAM ECC errors: {} in the last hour", "sram_uncorr_1h")),
+    # fatal signals hold their verdict for a day (FATAL_XID_HOLD_H), like fatal XIDs: remediation
+    # keeps the cordon until a reset/repair and a healthy window, never because the error is old
+    Rule("ecc_uncorrectable", (_n("ecc_uncorr_24h") > 0) & nvidia, State.FAILING, Action.RESET_GPU,
+         _f("uncorrectable ECC errors: {} in the last 24 h", "ecc_uncorr_24h")),
+    Rule("hbm_uncorrectable", (_n("ecc_uncorr_24h") > 0) & ~nvidia, State.FAILING, Action.DRAIN,
+         _f("uncorrectable HBM ECC errors: {} in the last 24 h", "ecc_uncorr_24h")),
+    Rule("sram_uncorrectable", _n("sram_uncorr_24h") > 0, State.FAILING, Action.DRAIN,
+         _f("uncorrectable SRAM ECC errors: {} in the last 24 h", "sram_uncorr_24h")),
     Rule("row_remap_failure", _n("remap_failure") >= 1, State.FAILING, Action.DRAIN,
          pl.lit("row remapping failed: the GPU's memory needs service")),
     # NVIDIA asks for a reset at the next opportunity: worth knowing, not worth a cordon on its
@@ -79,8 +81,8 @@ CHIP_RULES: tuple[Rule, ...] = (
             pl.col("silent_min").round(0).cast(pl.Int64))),
     Rule("nvlink_down", (pl.col("nvlink_up_min") == 0) & reporting, State.DEGRADED, Action.DRAIN,
          pl.lit("an NVLink is down")),
-    Rule("trainium_hw_errors", _n("neuron_hw_1h") >= NEURON_HW_ERRORS, State.FAILING, Action.DRAIN,
-         _f("Trainium hardware execution errors: {} in the last hour", "neuron_hw_1h")),
+    Rule("trainium_hw_errors", _n("neuron_hw_peak_24h") >= NEURON_HW_ERRORS, State.FAILING, Action.DRAIN,
+         _f("Trainium hardware execution errors: up to {} in an hour within the last 24 h", "neuron_hw_peak_24h")),
     Rule("thermal_sustained", (_n("hot_6h") >= HOT_HOURS) | (_n("throttle_6h") >= THROTTLE_FRACTION),
          State.DEGRADED, Action.DRAIN,
          _f("sustained thermal trouble: at the slowdown temperature {} of the last 6 h, throttled {}% of the time",

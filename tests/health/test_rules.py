@@ -88,7 +88,9 @@ def test_fallen_off_the_bus_by_silence(tmp_path):
     v = vs[("n000", "1")]
     assert (v.state, v.action) == (State.FAILING, Action.REBOOT_NODE)
     assert "fallen off the bus" in v.reasons[0]
-    assert vs[("n001", "0")].state == State.HEALTHY and vs[("n001", "1")].state == State.HEALTHY
+    # a whole node silent is a host problem (or stale data): unknown, not a chip off the bus
+    assert vs[("n001", "0")].state == State.UNKNOWN and vs[("n001", "1")].state == State.UNKNOWN
+    assert not vs[("n001", "0")].action.takes_out_of_service
     assert vs[("n000", "0")].state == State.HEALTHY
 
 

@@ -1,0 +1,83 @@
+"""The live evaluation in the collector: reads the store, writes risk/state series through the
+Writer, serves /api/v1/health/chips, and hands verdicts to remediation in one call."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from agent.catalog import catalog
+from collector.app import create_app, make_context
+from collector.config import from_dict
+from collector.health.api import HealthConfigError, LiveHealth
+from collector.store.core import Matcher
+from collector.store.writer import Writer
+from tests.health.tracegen import HOUR, START_MS, Trace
+
+AT = START_MS + 30 * HOUR + 10 * 60_000
+NOW = START_MS + 30 * HOUR + 40 * 60_000     # evaluated 30 min after the signal
+
+
+def trace() -> Trace:
+    t = Trace(nodes=2, chips=2, hours=31)
+    t.silent[(1, 1)] = AT + 5 * 60_000          # falls off the bus 35 min before NOW
+    t.baseline()
+    t.counter(0, 0, "hw.gpu.ecc.errors", {AT: 3}, type="uncorrected", memory="device", scope="aggregate")
+    t.rows = [r for r in t.rows if r[0] <= NOW]
+    return t
+
+
+def load(store, t: Trace):
+    Writer(store).write((name, json.loads(labels), ts, value) for ts, name, labels, value in t.rows)
+
+
+def test_live_evaluation_writes_series_and_remediates(tmp_path):
+    ctx = make_context(from_dict({"db": str(tmp_path / "c.duckdb")}))
+    load(ctx.store, trace())
+    handed = []
+    live = LiveHealth(ctx.store, ctx.writer, {"interval": 60}, remediate=handed.append)
+    vs = live.run_once(now_ms=NOW)
+    by = {(v.chip.node, v.chip.chip): v for v in vs}
+    assert by[("n000", "0")].state.value == "failing" and by[("n000", "0")].action.value == "reset_gpu"
+    assert "uncorrectable ECC errors: 3" in by[("n000", "0")].reasons[0]
+    assert by[("n001", "1")].action.value == "reboot_node"
+    assert by[("n000", "1")].state.value == "healthy" and by[("n001", "0")].state.value == "healthy"
+    assert handed == [vs]
+    # state series: 1 for the current state, 0 for the others
+    state = catalog().prom("shopfloor.health.state")
+    sel = ctx.store.select_series([Matcher("__name__", "=", state), Matcher("node", "=", "n000"),
+                                   Matcher("chip", "=", "0")])
+    got = {}
+    for sid, _, labels in sel:
+        s = ctx.store.fetch([sid], NOW, NOW)
+        got[labels["state"]] = float(s.values[-1])
+    assert got["failing"] == 1.0 and got["healthy"] == 0.0 and sum(got.values()) == 1.0
+    # an hour later, without new data: the failing chip stays failing (a fatal signal holds for a
+    # day), the others are unknown (stale data is no ground for a judgement)
+    vs2 = {(v.chip.node, v.chip.chip): v for v in live.run_once(now_ms=NOW + HOUR)}
+    assert vs2[("n000", "0")].state.value == "failing"
+    assert vs2[("n000", "1")].state.value == "unknown" and "no data from node n000" in vs2[("n000", "1")].reasons[0]
+    ctx.store.close()
+
+
+def test_http_endpoint(tmp_path):
+    app = create_app(from_dict({"db": str(tmp_path / "c.duckdb"), "health": {"interval": 3600}}))
+    ctx = app.state.ctx
+    load(ctx.store, trace())
+    ctx.extras["health"].run_once(now_ms=NOW)
+    with TestClient(app) as client:
+        assert ctx.scheduler.get_job("health-evaluate") is not None
+        r = client.get("/api/v1/health/chips", params={"state": "failing"})
+        assert r.status_code == 200
+        data = r.json()["data"]
+        assert {(v["node"], v["chip"]) for v in data["verdicts"]} == {("n000", "0"), ("n001", "1")}
+        assert all(v["reasons"] for v in data["verdicts"])
+        r = client.get("/api/v1/health/chips", params={"node": "n000"})
+        assert {v["chip"] for v in r.json()["data"]["verdicts"]} == {"0", "1"}
+        r = client.get("/api/v1/health/chips", params={"state": "exploded"})
+        assert r.status_code == 400 and r.json()["status"] == "error"
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    with pytest.raises(HealthConfigError, match="unknown keys"):
+        create_app(from_dict({"db": str(tmp_path / "c.duckdb"), "health": {"intervall": 5}}))
