@@ -63,6 +63,12 @@ def _collect(agent: Agent, n: int, produced: list[int]) -> None:
         time.sleep(0.02)
 
 
+def _why(agent: Agent, tmp_path: Path) -> str:
+    """What the shipper saw, and the end of the receivers' logs (for a failure message)."""
+    logs = "".join(f.read_text(errors="replace")[-1500:] for f in sorted(tmp_path.glob("*.log")))
+    return f"counts={agent.shipper.counts} spooled={len(agent.shipper.spool)} last_error={agent.shipper.last_error!r}\n{logs}"
+
+
 def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], Agent]:
     """5 collections up, outage (agent restarted in the middle), receiver back. Returns the
     batch timestamps in collection order and the final agent."""
@@ -73,16 +79,16 @@ def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], A
     agent.start()
     try:
         _collect(agent, 5, produced)
-        assert agent.shipper.wait_idle(60), agent.shipper.last_error
-        assert agent.shipper.counts["success"] == 5
+        assert agent.shipper.wait_idle(90), _why(agent, tmp_path)
+        assert agent.shipper.counts["success"] == 5, _why(agent, tmp_path)
 
         stop(proc)                                    # the collector goes away
         _collect(agent, 8, produced)
         time.sleep(0.3)
-        assert len(agent.shipper.spool) >= 1 and agent.shipper.counts["retry"] >= 1
+        assert len(agent.shipper.spool) >= 1 and agent.shipper.counts["retry"] >= 1, _why(agent, tmp_path)
         agent.stop()                                  # and the agent restarts meanwhile
         agent = Agent(cfg)
-        assert len(agent.shipper.spool) == 8          # every outage batch survived on disk
+        assert len(agent.shipper.spool) == 8, _why(agent, tmp_path)   # every outage batch survived on disk
         agent.start()
         _collect(agent, 4, produced)
         # the agent reports its own spool while it waits
@@ -90,9 +96,9 @@ def _run_outage(tmp_path: Path, port: int, start_receiver) -> tuple[list[int], A
         assert spooled and spooled[0].value >= 8
 
         proc = start_receiver()                       # the collector is back
-        assert agent.shipper.wait_idle(90), agent.shipper.last_error
+        assert agent.shipper.wait_idle(90), _why(agent, tmp_path)
         _collect(agent, 3, produced)
-        assert agent.shipper.wait_idle(60)
+        assert agent.shipper.wait_idle(90), _why(agent, tmp_path)
         assert agent.shipper.spool.bytes == 0
     finally:
         agent.stop()
