@@ -5,7 +5,10 @@ catalog metrics) is pushed by remote write to a real Prometheus (Debian 2.42, st
 127.0.0.1 with a temporary TSDB) and to a real collector process (embedded DuckDB). Then each
 query runs as a 6-hour range query at a 30 s step (what Grafana asks for a 6 h panel), `--repeat`
 times against each server; the median wall time (HTTP round trip included, JSON parsed) is
-reported with the ratio collector / Prometheus (< 1 means the collector is faster).
+reported with the ratio collector / Prometheus (< 1 means the collector is faster). Before the
+queries the collector is stopped, its closed hours compacted by the store's own maintenance step
+(collector.store.maintenance.compact: samples sorted by series, as a running collector keeps
+them) and started again; --no-compact skips that.
 
     .venv/bin/python benchmarks/query.py [--chips 1000] [--hours 6] [--repeat 5] [--json out.json]
 """
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step", type=float, default=30, help="range query step, s")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-compact", dest="compact", action="store_false",
+                    help="query the collector's store as ingested, without compacting closed hours first")
     args = ap.parse_args(argv)
     prom = shutil.which("prometheus")
     if not prom:
@@ -78,19 +83,33 @@ def main(argv: list[str] | None = None) -> int:
                    "--listen", f"127.0.0.1:{cport}", "--db", str(tmp / "c.duckdb"), "--log-level", "warning"]
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
         purl, curl = f"http://127.0.0.1:{pport}", f"http://127.0.0.1:{cport}"
-        with running(prom_cmd, ready_url=purl + "/-/ready", log=tmp / "prometheus.log"), \
-                running(col_cmd, ready_url=curl + "/-/healthy", log=tmp / "collector.log", env=env, cwd=ROOT):
+        with running(prom_cmd, ready_url=purl + "/-/ready", log=tmp / "prometheus.log", timeout=120):
             t0 = time.perf_counter()
             fleet.push(purl + "/api/v1/write", series)
             t_prom = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            fleet.push(curl + "/api/v1/write", series)
-            t_col = time.perf_counter() - t0
+            with running(col_cmd, ready_url=curl + "/-/healthy", log=tmp / "collector.log", env=env, cwd=ROOT,
+                         timeout=120):
+                t0 = time.perf_counter()
+                fleet.push(curl + "/api/v1/write", series)
+                t_col = time.perf_counter() - t0
+            t_compact = 0.0
+            if args.compact:
+                # Steady state of a running collector: closed hours compacted (sorted by series)
+                # by the store's own maintenance step, as Prometheus compacts its head into blocks.
+                from collector.store import maintenance
+                from collector.store.core import Store
+                t0 = time.perf_counter()
+                store = Store(str(tmp / "c.duckdb"))
+                maintenance.compact(store, end_ms + 7_200_000, 3_600_000)
+                store.close()
+                t_compact = time.perf_counter() - t0
             print(f"data: {args.chips} chips x {len(METRICS)} metrics, {args.hours:g} h at {args.scrape} s: "
-                  f"{samples:,} samples (remote write: Prometheus {t_prom:.1f} s, collector {t_col:.1f} s)")
+                  f"{samples:,} samples (remote write: Prometheus {t_prom:.1f} s, collector {t_col:.1f} s; "
+                  f"compaction {t_compact:.1f} s)")
             start, end = end_ms / 1000 - duration + 300, end_ms / 1000
             results = []
-            with httpx.Client() as client:
+            with running(col_cmd, ready_url=curl + "/-/healthy", log=tmp / "collector.log", env=env, cwd=ROOT,
+                         timeout=120), httpx.Client() as client:
                 for name, q in QUERIES.items():
                     timed(client, purl, q, start, end, args.step)    # warm both once
                     timed(client, curl, q, start, end, args.step)
