@@ -73,11 +73,13 @@ def build_fleet(rng: np.random.Generator, nodes: int, chips: int | None, trainiu
     return Fleet(names, clusters, racks, vendors, models, counts_arr, lemon, slot_node, slot_chip, efa)
 
 
-def new_uuid(rng: np.random.Generator, vendor: str) -> str:
-    raw = uuidlib.UUID(bytes=rng.bytes(16), version=4)
-    # NVML: "GPU-<uuid>"; Trainium devices have no UUID in neuron-monitor, the agent uses the
-    # device serial, which we render in the same shape.
-    return f"GPU-{raw}" if vendor == "nvidia" else f"TRN-{raw}"
+def new_uuid(rng: np.random.Generator, vendor: str, chip: int) -> str:
+    """NVML's "GPU-<uuid>"; for Trainium the agent's "<instance id>-nd<device index>" (neuron-monitor
+    has no device UUID). A replaced Trainium device comes back in a serviced host, i.e. a new
+    instance id (E)."""
+    if vendor == "nvidia":
+        return f"GPU-{uuidlib.UUID(bytes=rng.bytes(16), version=4)}"
+    return f"i-0{rng.bytes(8).hex()}-nd{chip}"
 
 
 @dataclass
@@ -251,7 +253,16 @@ def build_scenario(seed: int, start_ms: int, duration_s: int, nodes: int, chips:
         node_down[n] = repair
     failures.sort(key=lambda f: (f.ts, f.node, f.slot, f.mode))
 
-    inc_uuid = [new_uuid(r_ids, fleet.vendor[fleet.slot_node[s]]) for s in inc_slot]
+    instance = {}   # Trainium: one instance id per host, shared by its devices
+    inc_uuid = []
+    for s, initial in zip(inc_slot, inc_initial):
+        n, chip = int(fleet.slot_node[s]), int(fleet.slot_chip[s])
+        if fleet.vendor[n] == "aws" and initial:
+            if n not in instance:
+                instance[n] = new_uuid(r_ids, "aws", 0).rsplit("-nd", 1)[0]
+            inc_uuid.append(f"{instance[n]}-nd{chip}")
+        else:
+            inc_uuid.append(new_uuid(r_ids, fleet.vendor[n], chip))
     sc = Scenario(seed, start_ms, end_ms, fleet, regimes,
                   np.array(inc_slot, dtype=np.int64), inc_uuid,
                   np.array(inc_from, dtype=np.int64), np.array(inc_to, dtype=np.int64),

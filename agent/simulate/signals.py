@@ -379,8 +379,8 @@ class Renderer:
                     bus = P.GPU_PCI_BUS_IDS[k] if k < len(P.GPU_PCI_BUS_IDS) else f"00000000:{0x10 + k:02X}:00.0"
                     extra = (("driver_version", hw.driver), ("pci_bus_id", bus))
                 else:
-                    extra = (("driver_version", hw.driver), ("instance_type", hw.instance_type),
-                             ("pci_bus_id", f"0000:{0x10 + k:02x}:1c.0"))
+                    # neuron-monitor's hw.gpu.info carries the instance type only
+                    extra = (("instance_type", hw.instance_type),)
                 chip("hw.gpu.info", np.ones((C, T)), extra, rows=rows & (self.inc_chip[inc] == k))
         chip("hw.gpu.memory_controller.utilization", np.round(util * 0.6, 2), rows=nv)
         chip("hw.power.limit", np.full((C, T), P.HARDWARE["nvidia"].tdp_w), rows=nv)
@@ -401,9 +401,12 @@ class Renderer:
         chip("hw.gpu.nvlink.throughput", np.round(util * 4.0e11), rows=nv)
         # Neuron: per-core utilization, executions, latency (absent when no model ran)
         cores = P.HARDWARE["aws"].cores
-        for core in range(cores):
-            chip("hw.neuroncore.utilization", np.round(np.clip(util + rng.normal(0, 0.02, (C, T)) * (util > 0), 0, 1), 2),
-                 (("core", str(core)),), rows=aws)
+        # core labels are node-wide NeuronCore indices (device d has cores d*cores ... d*cores+cores-1)
+        chip_idx = self.inc_chip[inc]
+        for k in range(cores):
+            core_util = np.round(np.clip(util + rng.normal(0, 0.02, (C, T)) * (util > 0), 0, 1), 2)
+            for d in np.unique(chip_idx[aws]).tolist():
+                chip("hw.neuroncore.utilization", core_util, (("core", str(d * cores + k)),), rows=aws & (chip_idx == d))
         for status in NEURON_STATUSES:
             rate = {"completed": 40.0 * step_s}.get(status, 0.0005 * step_s)
             n = rng.poisson(np.where(busy, rate, 0))
