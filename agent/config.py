@@ -52,7 +52,9 @@ class AgentConfig:
     kmsg_path: str = "/dev/kmsg"
     neuron_monitor_command: tuple[str, ...] = ("neuron-monitor",)
     ipmitool_command: tuple[str, ...] = ("ipmitool", "dcmi", "power", "reading")
-    dcgm_exporter_url: str = "http://127.0.0.1:9400/metrics"
+    # Off unless set: a node without dcgm-exporter would otherwise report a failed dcgm scrape
+    # every interval. dcgm-exporter's own default is http://127.0.0.1:9400/metrics.
+    dcgm_exporter_url: str = ""
     dcgm_timeout: float = 2.0
     collector_endpoint: str = "http://127.0.0.1:4318/v1/metrics"   # "" = do not push
     collector_token: str | None = None
