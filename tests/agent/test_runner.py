@@ -104,3 +104,20 @@ def test_agent_that_cannot_bind_metrics_exits_with_the_reason(tmp_path):
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "shopfloor agent: cannot start:" in proc.stderr and "Address already in use" in proc.stderr
+
+
+def test_agent_runs_without_the_collector_stack(tmp_path):
+    """The agent never imports collector/ nor the collector's dependencies: with them made
+    unimportable, `scrape --once` still works."""
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(json.dumps({"labels": {"cluster": "c", "node": "n"}, "sysfs_root": str(FIXTURES / "sysfs"),
+                               "ipmitool_command": [str(FIXTURES / "ipmitool" / "fake-ipmitool")],
+                               "sources": {n: {"enabled": False} for n in ("nvml", "dcgm", "neuron", "xid")}}))
+    blocked = ["collector", "duckdb", "fastapi", "uvicorn", "polars", "numpy", "pyarrow", "sklearn", "apscheduler"]
+    code = ("import sys\n"
+            f"for m in {blocked!r}: sys.modules[m] = None  # import of any of them raises ImportError\n"
+            "from shopfloor.cli import main\n"
+            f"sys.exit(main(['agent', 'scrape', '--once', '--config', {str(cfg)!r}]))\n")
+    proc = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f'{catalog().prom("shopfloor.agent.scrape.success")}{{cluster="c",node="n",source="efa"}} 1.0' in proc.stdout
