@@ -321,22 +321,19 @@ class Evaluation:
         the time an ORDER BY takes.
         """
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
-        res = self.cur.execute(
+        # Arrow hands DuckDB's columns over without a per-value conversion (faster than fetchnumpy).
+        table = self.cur.sql(
             "SELECT series_id, ts, value FROM samples "
             # The BETWEEN on series_id lets DuckDB skip row groups by their min/max statistics
             # once compaction has clustered samples by series; ts prunes the same way.
             "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
             "AND ts BETWEEN ? AND ?",
-            [int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]).fetchnumpy()
-        sids = np.asarray(res["series_id"], dtype=np.int64)
-        ts = np.asarray(res["ts"], dtype=np.int64)
-        values = res["value"]
-        if np.ma.isMaskedArray(values):
-            stale = np.ma.getmaskarray(values)
-            values = values.filled(np.nan)
-        else:
-            stale = np.zeros(len(values), dtype=bool)
-        values = np.asarray(values, dtype=np.float64)
+            params=[int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]).to_arrow_table()
+        sids = np.asarray(table.column("series_id").to_numpy(), dtype=np.int64)
+        ts = np.asarray(table.column("ts").to_numpy(), dtype=np.int64)
+        col = table.column("value")
+        values = np.asarray(col.to_numpy(), dtype=np.float64)    # NULL (stale) -> NaN
+        stale = col.is_null().to_numpy() if col.null_count else np.zeros(len(values), dtype=bool)
         self.count_samples(len(ts))
         row_of = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
         row_of[ids] = np.arange(len(ids))
