@@ -87,10 +87,12 @@ class LatestCollection:
         self._resource = dict(resource)
         self._points: list[Point] = []
         self._lock = threading.Lock()
+        self.generation = 0          # bumped by every update
 
     def update(self, points: list[Point]) -> None:
         with self._lock:
             self._points = list(points)
+            self.generation += 1
 
     @property
     def points(self) -> list[Point]:
@@ -124,6 +126,18 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collection)
         registry, expected = self.registry, (f"Bearer {token}" if token else None)
+        # The text is rendered once per collection: a second scraper (an HA Prometheus pair)
+        # or a scrape interval shorter than the agent's gets the cached bytes.
+        cache: dict[str, tuple[int, bytes]] = {}
+        cache_lock = threading.Lock()
+
+        def exposition() -> bytes:
+            with cache_lock:
+                generation = collection.generation
+                hit = cache.get("text")
+                if hit is None or hit[0] != generation:
+                    hit = cache["text"] = (generation, generate_latest(registry))
+                return hit[1]
 
         class Handler(BaseHTTPRequestHandler):
             def setup(self):
@@ -141,7 +155,7 @@ class MetricsServer:
                     return self._reply(401, b"unauthorized\n", "text/plain", {"WWW-Authenticate": "Bearer"})
                 if path == "/":
                     return self._reply(200, b'<a href="/metrics">metrics</a>\n', "text/html")
-                self._reply(200, generate_latest(registry), CONTENT_TYPE)
+                self._reply(200, exposition(), CONTENT_TYPE)
 
             def _refuse(self):
                 self._reply(405, b"only GET /metrics\n", "text/plain", {"Allow": "GET"})
