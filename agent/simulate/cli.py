@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=parse_duration, default=None, help="simulated span (default 1h push, 1d --out)")
     p.add_argument("--step", type=parse_duration, default=None, help="sample interval (default 10s push, 60s --out)")
     p.add_argument("--metrics", choices=("health", "all"), default=None,
-                   help="metric set (default: all when pushing, health for --out; docs/simulator.md)")
+                   help="metric set (default: all when pushing, health for --out; see docs/simulator.md)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--endpoint", help="OTLP/HTTP metrics URL, e.g. http://127.0.0.1:4318/v1/metrics")
     where.add_argument("--out", help="write a trace directory (docs/trace-format.md) instead of pushing")
