@@ -1,9 +1,12 @@
 """Build the Grafana dashboards from code: `.venv/bin/python dashboards/build.py [--check]`.
 
 Why code and not hand-kept JSON: every metric name comes from agent/catalog.yaml (M() below), so
-renaming a metric in the catalog renames it in every panel; panels share one layout routine,
-one set of template variables and one unit table, so the eight dashboards stay consistent. The
-generated JSON is committed under dashboards/json/ (Grafana provisions it from files, and
+renaming a metric in the catalog renames it in every panel; panels share one set of helpers,
+template variables and thresholds, so the eight dashboards stay consistent. The JSON itself is
+produced by Grafana Labs' Foundation SDK (grafana-foundation-sdk: typed builders generated from
+Grafana's own schemas, with its grid layout) rather than by hand-written dicts, so field names
+and nesting match what Grafana expects. The SDK is a build-time (test extra) dependency only:
+the generated JSON is committed under dashboards/json/ (Grafana provisions it from files, and
 `shopfloor dashboards push` uploads it); tests/dashboards checks it equals a fresh build.
 
 Queries use only these Grafana variables: $cluster, $vendor, $node, $chip (multi-value, "All"),
@@ -28,9 +31,20 @@ OUT = HERE / "json"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from grafana_foundation_sdk.builders import common as gcommon  # noqa: E402
+from grafana_foundation_sdk.builders import dashboard as gdash  # noqa: E402
+from grafana_foundation_sdk.builders import prometheus as gprom  # noqa: E402
+from grafana_foundation_sdk.builders import stat as gstat  # noqa: E402
+from grafana_foundation_sdk.builders import table as gtable  # noqa: E402
+from grafana_foundation_sdk.builders import timeseries as gts  # noqa: E402
+from grafana_foundation_sdk.cog.encoder import JSONEncoder  # noqa: E402
+from grafana_foundation_sdk.models import common as mcommon  # noqa: E402
+from grafana_foundation_sdk.models import dashboard as mdash  # noqa: E402
+from grafana_foundation_sdk.models import prometheus as mprom  # noqa: E402
+
 from agent.catalog import catalog  # noqa: E402
 
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = mdash.DataSourceRef(type_val="prometheus", uid="${datasource}")
 TAGS = ["shopfloor"]
 
 
@@ -66,25 +80,23 @@ def sel(otel_name: str, selector: str = CHIP_SEL, **matchers: str) -> str:
 
 
 # ----------------------------------------------------------------------------- variables
-def _query_var(name: str, label: str, query: str, *, multi: bool = True, include_all: bool = True) -> dict:
-    return {
-        "name": name, "label": label, "type": "query", "datasource": DS,
-        "query": {"query": query, "refId": f"{name}-variable"}, "definition": query,
-        "refresh": 2, "sort": 3 if name == "chip" else 1, "multi": multi, "includeAll": include_all,
-        "allValue": ".*", "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "options": [], "hide": 0, "skipUrlSync": False, "regex": "",
-    }
+def _query_var(name: str, label: str, query: str) -> gdash.QueryVariable:
+    return (gdash.QueryVariable(name).label(label).datasource(DS)
+            .query({"query": query, "refId": f"{name}-variable"})
+            .refresh(mdash.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(mdash.VariableSort.NUMERICAL_ASC if name == "chip" else mdash.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+            .current(mdash.VariableOption(selected=True, text=["All"], value=["$__all"])))
 
 
-def variables(*names: str, fixed: str = "") -> list[dict]:
+def variables(*names: str, fixed: str = "") -> list:
     """The data source picker plus label variables, each filtered by the ones before it.
 
     fixed: matchers every variable query carries (the Trainium dashboard pins vendor="aws").
     "host" is a node variable for views without accelerators (found through the agent's metric).
     """
-    out = [{"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-            "current": {"selected": True, "text": "Shopfloor", "value": "shopfloor"},
-            "hide": 0, "refresh": 1, "regex": "", "options": [], "skipUrlSync": False}]
+    out: list = [gdash.DatasourceVariable("datasource").label("Data source").type("prometheus")
+                 .current(mdash.VariableOption(selected=True, text="Shopfloor", value="shopfloor"))]
     before: list[str] = [fixed] if fixed else []
     for n in names:
         metric = M("shopfloor.agent.scrape.success") if n == "host" else M("hw.gpu.info")
@@ -97,14 +109,19 @@ def variables(*names: str, fixed: str = "") -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- panels
-def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict:
-    t = {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend or "__auto",
-         "range": not instant, "instant": instant, "editorMode": "code"}
-    return t
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> gprom.Dataquery:
+    q = (gprom.Dataquery().expr(expr).legend_format(legend or "__auto").ref_id(ref).datasource(DS)
+         .editor_mode(mprom.QueryEditorMode.CODE))
+    return q.instant() if instant else q.range()
 
 
-def thresholds(*steps: tuple[float | None, str]) -> dict:
-    return {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in steps]}
+def thresholds(*steps: tuple[float | None, str]) -> list[tuple[float | None, str]]:
+    return list(steps)
+
+
+def _thresholds(steps) -> gdash.ThresholdsConfig:
+    return (gdash.ThresholdsConfig().mode(mdash.ThresholdsMode.ABSOLUTE)
+            .steps([mdash.Threshold(value=v, color=c) for v, c in steps]))
 
 
 GREEN_ONLY = thresholds((None, "green"))
@@ -115,55 +132,58 @@ FRACTION_OF_LIMIT = thresholds((None, "green"), (0.9, "orange"), (0.97, "red"))
 
 
 # Data links from any per-chip series to the chip detail dashboard, keeping the time range.
-CHIP_LINK = {"title": "Chip detail: ${__field.labels.node} chip ${__field.labels.chip}", "targetBlank": False,
-             "url": "/d/shopfloor-chip/?var-cluster=${__field.labels.cluster}&var-node=${__field.labels.node}"
-                    "&var-chip=${__field.labels.chip}&${__url_time_range}"}
-CHIP_LINK_TABLE = {"title": "Chip detail: ${__data.fields.node} chip ${__data.fields.chip}", "targetBlank": False,
-                   "url": "/d/shopfloor-chip/?var-cluster=${__data.fields.cluster}&var-node=${__data.fields.node}"
-                          "&var-chip=${__data.fields.chip}&${__url_time_range}"}
+CHIP_LINK = ("Chip detail: ${__field.labels.node} chip ${__field.labels.chip}",
+             "/d/shopfloor-chip/?var-cluster=${__field.labels.cluster}&var-node=${__field.labels.node}"
+             "&var-chip=${__field.labels.chip}&${__url_time_range}")
+CHIP_LINK_TABLE = ("Chip detail: ${__data.fields.node} chip ${__data.fields.chip}",
+                   "/d/shopfloor-chip/?var-cluster=${__data.fields.cluster}&var-node=${__data.fields.node}"
+                   "&var-chip=${__data.fields.chip}&${__url_time_range}")
 
 
-def panel(kind: str, title: str, targets: list[dict], *, unit: str = "short", w: int = 12, h: int = 8,
-          description: str = "", th: dict = GREEN_ONLY, minv: float | None = None, maxv: float | None = None,
-          decimals: int | None = None, stack: bool = False, options: dict | None = None) -> dict:
-    defaults: dict = {"unit": unit, "thresholds": th, "color": {"mode": "palette-classic"}}
-    if kind in ("stat", "gauge", "bargauge"):
-        defaults["color"] = {"mode": "thresholds"}
-    if minv is not None:
-        defaults["min"] = minv
-    if maxv is not None:
-        defaults["max"] = maxv
-    if decimals is not None:
-        defaults["decimals"] = decimals
+def panel(kind: str, title: str, targets: list[gprom.Dataquery], *, unit: str = "short", w: int = 12, h: int = 8,
+          description: str = "", th=GREEN_ONLY, minv: float | None = None, maxv: float | None = None,
+          decimals: int | None = None, stack: bool = False):
+    """One panel (timeseries, stat or table) as a Grafana Foundation SDK builder."""
     if kind == "timeseries":
-        defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10 if stack else 0,
-                              "showPoints": "never", "spanNulls": False,
-                              "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-                              "thresholdsStyle": {"mode": "off" if th is GREEN_ONLY else "line"}}
-    opts = {"timeseries": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
-                           "tooltip": {"mode": "multi", "sort": "desc"}},
-            "stat": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                     "colorMode": "background", "graphMode": "area", "textMode": "auto", "justifyMode": "auto",
-                     "orientation": "auto"},
-            "gauge": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                      "showThresholdLabels": False, "showThresholdMarkers": True},
-            "bargauge": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                         "displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True},
-            "table": {"showHeader": True, "footer": {"show": False}},
-            "piechart": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                         "pieType": "donut", "legend": {"displayMode": "table", "placement": "right"}},
-            }.get(kind, {})
-    opts.update(options or {})
-    if kind == "table":
-        for t in targets:
-            t["format"] = "table"     # one row per series, labels as columns
-    legends = " ".join(t.get("legendFormat", "") for t in targets)
-    if kind == "table" and any("topk" in t["expr"] or "info" in t["expr"] for t in targets) or \
+        b = (gts.Panel()
+             .legend(gcommon.VizLegendOptions().display_mode(mcommon.LegendDisplayMode.TABLE)
+                     .placement(mcommon.LegendPlacement.BOTTOM).show_legend(True).calcs(["lastNotNull", "max"]))
+             .tooltip(gcommon.VizTooltipOptions().mode(mcommon.TooltipDisplayMode.MULTI)
+                      .sort(mcommon.SortOrder.DESCENDING))
+             .draw_style(mcommon.GraphDrawStyle.LINE).line_width(1).fill_opacity(10 if stack else 0)
+             .show_points(mcommon.VisibilityMode.NEVER).span_nulls(False)
+             .stacking(gcommon.StackingConfig().mode(mcommon.StackingMode.NORMAL if stack else mcommon.StackingMode.NONE)
+                       .group("A"))
+             .thresholds_style(gcommon.GraphThresholdsStyleConfig().mode(
+                 mcommon.GraphTresholdsStyleMode.OFF if th is GREEN_ONLY else mcommon.GraphTresholdsStyleMode.LINE))
+             .color_scheme(gdash.FieldColor().mode(mdash.FieldColorModeId.PALETTE_CLASSIC)))
+    elif kind == "stat":
+        b = (gstat.Panel()
+             .reduce_options(gcommon.ReduceDataOptions().calcs(["lastNotNull"]).values(False).fields(""))
+             .color_mode(mcommon.BigValueColorMode.BACKGROUND).graph_mode(mcommon.BigValueGraphMode.AREA)
+             .color_scheme(gdash.FieldColor().mode(mdash.FieldColorModeId.THRESHOLDS)))
+    elif kind == "table":
+        b = gtable.Panel().show_header(True)
+        targets = [t.format(mprom.PromQueryFormat.TABLE) for t in targets]   # one row per series
+    else:
+        raise ValueError(f"unknown panel kind {kind!r}")
+    b = (b.title(title).description(description).datasource(DS).unit(unit).span(w).height(h)
+         .thresholds(_thresholds(th)))
+    for t in targets:
+        b = b.with_target(t)
+    if minv is not None:
+        b = b.min(minv)
+    if maxv is not None:
+        b = b.max(maxv)
+    if decimals is not None:
+        b = b.decimals(decimals)
+    exprs = [t.build().expr for t in targets]
+    legends = " ".join(t.build().legend_format or "" for t in targets)
+    if (kind == "table" and any("topk" in e or "info" in e for e in exprs)) or \
             ("{{node}}" in legends and "{{chip}}" in legends):
-        defaults["links"] = [CHIP_LINK_TABLE if kind == "table" else CHIP_LINK]
-    return {"type": kind, "title": title, "description": description, "datasource": DS, "targets": targets,
-            "fieldConfig": {"defaults": defaults, "overrides": []}, "options": opts,
-            "gridPos": {"h": h, "w": w, "x": 0, "y": 0}}
+        link_title, url = CHIP_LINK_TABLE if kind == "table" else CHIP_LINK
+        b = b.data_links([gdash.DashboardLink(link_title).url(url).target_blank(False)])
+    return b
 
 
 def ts(title, *targets, **kw):
@@ -174,49 +194,25 @@ def stat(title, expr, *, w=4, h=4, **kw):
     return panel("stat", title, [target(expr, instant=True)], w=w, h=h, **kw)
 
 
-def row(title: str) -> dict:
-    return {"type": "row", "title": title, "collapsed": False, "panels": [],
-            "gridPos": {"h": 1, "w": 24, "x": 0, "y": 0}}
+def row(title: str) -> gdash.Row:
+    return gdash.Row(title).collapsed(False)
 
 
-def layout(items: list[dict]) -> list[dict]:
-    """Place panels left to right, wrapping at Grafana's 24 columns; rows start a new line."""
-    x = y = line_h = 0
-    pid = 1
-    out = []
-    for item in items:
-        item = json.loads(json.dumps(item))  # panels are built once; copy before placing
-        g = item["gridPos"]
-        if item["type"] == "row" or x + g["w"] > 24:
-            y += line_h
-            x = line_h = 0
-        g["x"], g["y"] = x, y
-        item["id"] = pid
-        pid += 1
-        if item["type"] == "row":
-            y += 1
+def dashboard(uid: str, title: str, description: str, items: list, vars_: list, *, time_from: str = "now-6h",
+              refresh: str = "1m", panel_interval: str | None = None) -> dict:
+    """A dashboard: rows and panels in reading order, laid out left to right by the SDK."""
+    b = (gdash.Dashboard(title).uid(uid).description(description).tags(TAGS).timezone("utc").editable()
+         .tooltip(mdash.DashboardCursorSync.CROSSHAIR).time(time_from, "now").refresh(refresh).version(1)
+         .variables(vars_)
+         .link(gdash.DashboardLink("Shopfloor").type(mdash.DashboardLinkType.DASHBOARDS).tags(TAGS)
+               .as_dropdown(True).include_vars(True).keep_time(True)))
+    for pid, item in enumerate(items, 1):
+        item = item.id(pid)
+        if isinstance(item, gdash.Row):
+            b = b.with_row(item)
         else:
-            x += g["w"]
-            line_h = max(line_h, g["h"])
-        out.append(item)
-    return out
-
-
-def dashboard(uid: str, title: str, description: str, panels: list[dict], vars_: list[dict],
-              *, time_from: str = "now-6h", refresh: str = "1m", links: bool = True) -> dict:
-    return {
-        "uid": uid, "title": title, "description": description, "tags": TAGS, "timezone": "utc",
-        "editable": True, "graphTooltip": 1, "schemaVersion": 39, "version": 1, "refresh": refresh,
-        "time": {"from": time_from, "to": "now"}, "fiscalYearStartMonth": 0, "liveNow": False,
-        "weekStart": "",
-        "templating": {"list": vars_},
-        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
-        "links": [{"title": "Shopfloor", "type": "dashboards", "tags": TAGS, "asDropdown": True,
-                   "includeVars": True, "keepTime": True}] if links else [],
-        "panels": layout(panels),
-    }
+            b = b.with_panel(item.interval(panel_interval) if panel_interval else item)
+    return json.loads(json.dumps(b.build(), cls=JSONEncoder))
 
 
 RATE = "$__rate_interval"
@@ -342,8 +338,7 @@ def node_detail() -> dict:
 def chip_detail() -> dict:
     p = [
         row("Identity and health"),
-        panel("table", "Chip", [target(f"{sel('hw.gpu.info')}", instant=True)], w=16, h=5,
-              options={"showHeader": True}),
+        panel("table", "Chip", [target(f"{sel('hw.gpu.info')}", instant=True)], w=16, h=5),
         stat("Health risk", f"max({sel('shopfloor.health.risk')})", unit="percentunit", w=4, h=5,
              th=thresholds((None, "green"), (0.2, "orange"), (0.5, "red"))),
         stat("Recovery action", f"max({sel('hw.gpu.recovery_action')})", w=4, h=5, th=ANY_IS_BAD,
@@ -525,13 +520,10 @@ def capacity() -> dict:
                   "{{cluster}}"), decimals=1,
            description="Chips held cordoned, integrated over each day (hourly samples)."),
     ]
-    d = dashboard("shopfloor-capacity", "Shopfloor / Capacity trends",
-                  "Utilization, power, energy and lost capacity over weeks to months, for capacity planning.",
-                  p, variables("cluster", "vendor"), time_from="now-30d", refresh="1h")
-    for panel_ in d["panels"]:
-        if panel_["type"] != "row":
-            panel_["interval"] = "1h"     # Grafana's minimum step: long ranges stay cheap
-    return d
+    # Grafana's minimum step of 1h keeps month-long ranges cheap.
+    return dashboard("shopfloor-capacity", "Shopfloor / Capacity trends",
+                     "Utilization, power, energy and lost capacity over weeks to months, for capacity planning.",
+                     p, variables("cluster", "vendor"), time_from="now-30d", refresh="1h", panel_interval="1h")
 
 
 def health() -> dict:
