@@ -90,9 +90,12 @@ class Remediator:
                 if old is None or v.observed_at >= old.observed_at:
                     latest[v.chip.key] = v
             storm_jobs = self._storm_jobs(latest.values())
+            # One read of the (small) cordon table per evaluation, not one query per chip: the
+            # health job hands over every chip of the site, almost all of them healthy and unheld.
+            held_now = {c.key: c for c in self.audit.cordons()}
             out: list[Decision] = []
             for v in latest.values():
-                d = self._decide(v, now, storm_jobs)
+                d = self._decide(v, now, storm_jobs, held_now.get(v.chip.key))
                 if d is not None:
                     out.append(d)
             self.budget.refresh_tripped(self.audit.cordons(dry_run=self.dry_run), self._new_last_hour(now))
@@ -134,9 +137,8 @@ class Remediator:
     def _wants_out(v: Verdict) -> bool:
         return v.state in OUT_OF_SERVICE_STATES and v.action.takes_out_of_service
 
-    def _decide(self, v: Verdict, now: float, storm_jobs: set[str]) -> Decision | None:
+    def _decide(self, v: Verdict, now: float, storm_jobs: set[str], held: Cordon | None) -> Decision | None:
         chip = v.chip
-        held = self.audit.get(chip.cluster, chip.node, chip.chip)
         if held is not None and held.dry_run != self.dry_run:
             held = None   # a record from the other mode (dry-run before going live) does not count
         if v.source == "fate-sharing" or (v.action == Action.RESTART_APP and v.state in OUT_OF_SERVICE_STATES):
