@@ -47,8 +47,13 @@ def step_points(series: list[tuple[str, dict, np.ndarray]], t: int, time_ns: int
 
 def push(sc: Scenario, step_s: int, endpoint: str, metric_set: str = "all", realtime: bool = False,
          headers: dict[str, str] | None = None, timeout: float = 10.0, block_steps: int = 60,
-         stop_on_error: bool = True) -> PushStats:
-    """Send every step of every node in time order; with realtime, pace steps to the wall clock."""
+         stop_on_error: bool | None = None) -> PushStats:
+    """Send every step of every node in time order; with realtime, pace steps to the wall clock.
+
+    A refused batch (4xx) always stops the run. An unreachable collector stops a fast run; a
+    realtime run (stop_on_error defaults to not realtime) logs it and goes on with the next step."""
+    if stop_on_error is None:
+        stop_on_error = not realtime
     renderer = Renderer(sc, step_s, metric_set)
     labeler = Labeler(renderer)
     sender = OtlpSender(endpoint, headers=headers, timeout=timeout)
@@ -76,10 +81,12 @@ def push(sc: Scenario, step_s: int, endpoint: str, metric_set: str = "all", real
                     else:
                         stats.failed += 1
                         log.error("push to %s failed: %s", endpoint, result.error)
-                        if stop_on_error and not result.retryable:
+                        if not result.retryable:
                             raise RuntimeError(f"collector refused a batch: {result.error}")
                         if stop_on_error:
                             raise ConnectionError(f"collector unreachable: {result.error}")
+                        # paced to the clock: a live fleet keeps going through a collector
+                        # outage (its real agents would spool; the simulator drops the batch)
                 stats.steps += 1
     finally:
         sender.close()

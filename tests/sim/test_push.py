@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import numpy as np
 
@@ -53,3 +54,13 @@ def test_a_few_minutes_land_in_the_collector(tmp_path):
         names = {row[0] for row in c.sql("SELECT DISTINCT metric FROM series")}
         assert catalog().prom("hw.gpu.utilization") in names and catalog().prom("hw.neuroncore.utilization") in names
         assert names <= {m.prom_name for m in catalog()}
+        # --realtime paces the steps to the wall clock: 4 steps of 1 s starting now take >= 3 s
+        t0 = time.monotonic()
+        paced = subprocess.run([PYTHON, "-m", "shopfloor", "simulate", "--nodes", "1", "--chips", "1",
+                                "--trainium-share", "0", "--duration", "4s", "--step", "1s", "--realtime",
+                                "--metrics", "health", "--endpoint", c.url + "/v1/metrics", "--token", "s3cret"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - t0
+        assert paced.returncode == 0, paced.stderr
+        assert "real time" in paced.stderr and "over 4 steps" in paced.stderr
+        assert elapsed >= 3.0
