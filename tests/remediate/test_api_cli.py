@@ -99,3 +99,40 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     assert out.returncode == 1 and "cannot reach the collector" in out.stderr
     out = cordon("list", "--db", str(tmp_path / "missing.duckdb"), env=env)
     assert out.returncode == 1 and "no database" in out.stderr
+
+
+def test_an_xid79_pushed_over_otlp_drains_through_the_collectors_live_health_job(slurm, tmp_path):
+    """agent exporter (OTLP) -> collector -> live health job -> Remediator -> real scontrol."""
+    import time
+
+    from agent.export.otlp import OtlpSender, encode_request
+    from agent.sources.base import point
+
+    port = free_port()
+    cfg = tmp_path / "collector.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "db": str(tmp_path / "c.duckdb"),
+        "health": {"interval": 1, "jobs": "none"},
+        "remediation": {"backend": "slurm", "dry_run": False, "budget": {"max_cluster_percent": 100}}}))
+    url = f"http://127.0.0.1:{port}"
+    with running([PYTHON, "-m", "shopfloor", "collector", "--config", str(cfg)], env=slurm.env, cwd=ROOT,
+                 ready_url=f"{url}/-/healthy", log=tmp_path / "collector.log"):
+        sender = OtlpSender(f"{url}/v1/metrics", compression="none")
+        resource = {"cluster": "c1", "node": "gpu-002", "rack": "r1"}
+        start = time.time_ns() - 60 * 10**9
+        chips = [dict(chip=str(c), uuid=f"GPU-{c}", vendor="nvidia", model="H100") for c in range(8)]
+        ok = sender.send(encode_request([point("hw.gpu.info", 1, **c) for c in chips]
+                                        + [point("hw.gpu.utilization", 0.9, **c) for c in chips],
+                                        resource, start, time.time_ns() - 5 * 10**9))
+        assert ok.ok, ok
+        ok = sender.send(encode_request([point("hw.gpu.xid.errors", 1, xid=79, **chips[6])], resource, start,
+                                        time.time_ns()))
+        assert ok.ok, ok
+        deadline = time.monotonic() + 20
+        while "DRAIN" not in slurm.node_fields("gpu-002")["State"]:
+            assert time.monotonic() < deadline, (tmp_path / "collector.log").read_text()[-3000:]
+            time.sleep(0.1)
+        assert slurm.node_fields("gpu-002")["Reason"].startswith(
+            "shopfloor: chip 6 (GPU-6): XID 79: GPU has fallen off the bus")
+        out = cordon("list", "--json", env={**slurm.env, "SHOPFLOOR_COLLECTOR_URL": url})
+        assert [(r["node"], r["chip"], r["state"]) for r in json.loads(out.stdout)] == [("gpu-002", "6", "cordoned")]
