@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import httpx
-import pytest
 import yaml
 
 from collector.remediate.audit import Audit

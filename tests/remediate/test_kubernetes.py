@@ -237,3 +237,25 @@ def test_taint_value_is_a_valid_label_value():
     v = taint_value("shopfloor: chip 0: " + "é" * 10 + "x" * 100)
     assert len(v) <= 63 and v[0].isalnum() and v[-1].isalnum()
     assert taint_value("shopfloor: chip 0: ???") == "unhealthy"
+
+
+def test_configured_from_a_kubeconfig_through_the_collector_config(api, tmp_path):
+    import yaml
+
+    from collector.remediate.budget import Inventory
+    from collector.remediate.service import build
+    from collector.store.core import Store
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{api.port}"}}],
+        "users": [{"name": "shopfloor", "user": {"token": TOKEN}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "shopfloor"}}]}))
+    rem = build({"backend": "kubernetes", "dry_run": False, "budget": {"max_cluster_percent": 100},
+                 "kubernetes": {"kubeconfig": str(kubeconfig)}}, Store(":memory:"))
+    rem.inventory_loader = lambda: Inventory({("c1", "gpu-001"): 8})
+    [d] = rem.apply([failing("gpu-001", "3")], now=NOW)
+    assert (d.backend, d.outcome) == ("kubernetes", "done")
+    node = api.nodes["gpu-001"]
+    assert node["spec"]["unschedulable"] is True
+    assert node["metadata"]["labels"]["shopfloor.io/chip-3"] == "cordoned"

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from agent.sources.nvml import NvmlSource
-from agent.sources.xid import XidSource
 from collector.health.node_check import NodeCheck
 from collector.remediate.slurm import SlurmBackend
 from tests.agent.nvml_replay import NvmlReplay
