@@ -455,7 +455,9 @@ class Renderer:
         }
         names = EFA_PORT_COUNTERS_ALL if self.full else EFA_PORT_COUNTERS_HEALTH
         for counter in names:
-            scale = 1e13 if "bytes" in counter else 1e9 if ("pkts" in counter or "wrs" in counter) else 5.0
+            # counts since the driver loaded: traffic is large, retransmits and errors are rare
+            scale = (1e5 if counter.startswith("retrans") else 1e13 if "bytes" in counter
+                     else 1e9 if ("pkts" in counter or "wrs" in counter) else 5.0)
             vals = self._counter(("efa", counter), "dev", devs, incs[counter], scale)
             groups.append(Group("hw.efa.port.counter", "dev", devs, (("counter", counter), ("port", "1")), vals))
         groups.append(Group("hw.network.up", "dev", devs, (("port", "1"),), up.astype(float)))
