@@ -198,6 +198,18 @@ class Remediator:
                         "cordoned", self.dry_run, now, chip_reason)
         reasons = [*v.reasons, f"source: {v.source}" + (f", risk {v.risk:.2f}" if v.risk is not None else "")]
         if self.dry_run:
+            # Reading the scheduler's state changes nothing and tells what going live would do.
+            try:
+                st = self.backend.status(chip.node)
+            except (BackendError, ValueError) as exc:
+                reasons.append(f"dry run: could not read {self.backend.name} state: {exc}")
+            else:
+                if st.drained and not st.by_us:
+                    record.state = "held_by_other"
+                    self.audit.put(record)
+                    return self._refuse(now, chip, [*reasons, f"dry run: the node is already held by someone "
+                                                    f"else ({st.reason}); it would be left as it is"], state,
+                                        outcome="held_by_other", kind="held_by_other")
             self.audit.put(record)
             return self._record(now, chip, "cordon", "dry_run", True,
                                 [*reasons, f"dry run: would set {self.backend.name} reason {node_reason!r}"], state)

@@ -108,6 +108,12 @@ def test_dry_run_changes_nothing_but_audits(slurm, backend):
     assert drained(slurm, "gpu-004") == (False, "")
     [row] = Audit(store).history()
     assert row.outcome == "dry_run" and "would set slurm reason" in row.reasons[-1]
+    assert rem.metric_rows(NOW)[0][0] == "shopfloor_remediation_cordoned"
+    # dry-run reads the scheduler's state (read-only): a human's drain is reported, not touched
+    slurm.run("update", "NodeName=gpu-003", "State=DRAIN", "Reason=firmware update")
+    [h] = rem.apply([failing("gpu-003")], now=NOW)
+    assert (h.outcome, h.dry_run) == ("held_by_other", True) and "firmware update" in h.reasons[-1]
+    assert drained(slurm, "gpu-003") == (True, "firmware update")
     # the same store going live does not mistake the dry-run record for a real drain
     live = make(backend, store, dry_run=False)
     [d2] = live.apply([failing("gpu-004", at=NOW + 1)], now=NOW + 1)
