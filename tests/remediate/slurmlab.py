@@ -94,7 +94,7 @@ class SlurmLab:
         self.procs.clear()
 
 
-def _write_config(root: Path, nodes: list[str], gpus: int) -> Path:
+def _write_config(root: Path, nodes: list[str], gpus: int, extra: list[str]) -> Path:
     ctld_port = _free_port()
     node_lines = []
     for i, node in enumerate(nodes):
@@ -133,7 +133,7 @@ def _write_config(root: Path, nodes: list[str], gpus: int) -> Path:
         "SelectType=select/cons_tres",
         "SlurmctldTimeout=30",
         "SlurmdTimeout=30",
-        "HealthCheckInterval=0",
+        *(extra or ["HealthCheckInterval=0"]),
         *node_lines,
         f"PartitionName=gpu Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP",
     ]) + "\n")
@@ -144,8 +144,10 @@ def _write_config(root: Path, nodes: list[str], gpus: int) -> Path:
 
 
 @contextlib.contextmanager
-def slurm_lab(nodes: list[str] | None = None, gpus: int = 8):
-    """Start munged, slurmctld and a slurmd per node; yield a SlurmLab; stop and clean up."""
+def slurm_lab(nodes: list[str] | None = None, gpus: int = 8, extra_conf: list[str] | None = None):
+    """Start munged, slurmctld and a slurmd per node; yield a SlurmLab; stop and clean up.
+
+    extra_conf: more slurm.conf lines (e.g. HealthCheckProgram=...)."""
     nodes = nodes or [f"gpu-{i:03d}" for i in range(1, 5)]
     # The daemons run in their own sessions, so they would outlive a test run stopped with
     # SIGTERM (e.g. by `timeout`); turn SIGTERM into SystemExit so the `finally` below stops them.
@@ -154,7 +156,7 @@ def slurm_lab(nodes: list[str] | None = None, gpus: int = 8):
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     root = Path(tempfile.mkdtemp(prefix="shopfloor-slurm-"))
     os.chmod(root, 0o755)   # munged refuses sockets in group/world-writable directories
-    lab = SlurmLab(root, nodes, _write_config(root, nodes, gpus))
+    lab = SlurmLab(root, nodes, _write_config(root, nodes, gpus, list(extra_conf or [])))
     try:
         key = root / "munge.key"
         key.write_bytes(os.urandom(1024))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import shutil
 import subprocess
@@ -133,3 +134,29 @@ def test_follow_drains_as_soon_as_the_xid_line_appears(slurm, tmp_path):
     finally:
         stop(proc)
         proc.stdout.close()
+
+
+@pytest.mark.timeout(120)
+def test_slurmd_runs_it_as_its_health_check_program(tmp_path):
+    """slurm.conf HealthCheckProgram -> `shopfloor health-check` -> the node drains itself."""
+    from tests.remediate.slurmlab import BINARIES, slurm_lab
+    from tests.support import require_binary
+    for name in (*BINARIES, "mknod"):
+        require_binary(name)
+    kmsg = tmp_path / "kmsg"
+    shutil.copy(FIXTURES / "kmsg" / "kmsg.log", kmsg)
+    script = tmp_path / "shopfloor-health-check"
+    os.chmod(tmp_path, 0o755)
+    with slurm_lab(["gpu-hc1"], extra_conf=[f"HealthCheckProgram={script}", "HealthCheckInterval=1",
+                                            "HealthCheckNodeState=ANY"]) as lab:
+        # what a site installs (slurmd runs it as root with SLURMD_NODENAME set and a scrubbed
+        # environment; SLURM_CONF is only needed because this cluster's slurm.conf is not in /etc)
+        script.write_text(f"#!/bin/sh\nSLURM_CONF={lab.conf} exec {PYTHON} -m shopfloor health-check --no-nvml "
+                          f"--cluster c1 --kmsg {kmsg} --procfs {PROCFS} --state-dir {tmp_path}/state "
+                          f">> {tmp_path}/hc.log 2>&1\n")
+        script.chmod(0o755)
+        deadline = time.monotonic() + 60
+        while "DRAIN" not in lab.node_fields("gpu-hc1")["State"]:
+            assert time.monotonic() < deadline, (tmp_path / "hc.log").read_text()[-2000:]
+            time.sleep(0.2)
+        assert lab.node_fields("gpu-hc1")["Reason"].startswith("shopfloor: health-check: chip 4 (GPU-2fa91425")
