@@ -211,6 +211,9 @@ def train(grid: pl.DataFrame, failures: pl.DataFrame, *, seed: int = 0, train_fr
     tr_s = pl.concat([tr.filter(pl.col("y") == 1), neg.filter(pl.Series(keep))])
     w = np.where(tr_s["y"].to_numpy() == 1, 1.0, 1.0 / frac)
     x = _matrix(tr_s, MODEL_FEATURES)
+    # a feature the fleet never reported (no Trainium chips, no EFA) is all-missing: sklearn cannot
+    # bin it, so train on a constant there (never split on; missing at scoring time is harmless)
+    x[:, np.isnan(x).all(axis=0)] = 0.0
     y = tr_s["y"].to_numpy()
     clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.08, max_leaf_nodes=31,
                                          min_samples_leaf=40, l2_regularization=1.0, random_state=seed,
