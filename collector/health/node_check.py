@@ -9,6 +9,9 @@ Runs on a GPU node with the agent's own sources pointed at the node's roots:
     and unknown codes never do.
   * NvmlSource (agent/sources/nvml.py), when NVML is present: a failed row remap, or a driver
     recovery action (field 230) that asks for a reset or a reboot, drains.
+  * With --collector URL, the collector's deterministic rule verdicts for this node
+    (GET /api/v1/health/chips?node=..) that take a chip out of service drain too; model
+    predictions and fate-sharing stay with the collector's budgeted Remediator.
 
 When something is fatal the node is drained with `scontrol update NodeName=<node> State=DRAIN
 Reason="shopfloor: chip N (uuid): XID 79: ..."` through the Slurm backend, so an operator's drain
@@ -94,6 +97,34 @@ def nvml_findings(points: Iterable[Point], cluster: str, node: str) -> list[Find
     return out
 
 
+def collector_findings(url: str, cluster: str, node: str, *, token: str | None = None,
+                       timeout: float = 10.0) -> list[Finding]:
+    """The collector's current verdicts for this node (GET /api/v1/health/chips?node=..).
+
+    Only deterministic rule verdicts that take the chip out of service count: the learned risk
+    model's predictions and fate-sharing stay with the collector's Remediator, behind its
+    fleet-wide budget, which a single node cannot see."""
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"node": node, **({"cluster": cluster} if cluster else {})})
+    req = urllib.request.Request(f"{url.rstrip('/')}/api/v1/health/chips?{query}")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:   # raises on HTTP errors
+        doc = json.loads(resp.read(8 << 20))
+    out = []
+    for v in (doc.get("data") or {}).get("verdicts", []):
+        state, action = State(v["state"]), Action(v["action"])
+        if v.get("source") != "rule" or v.get("node") != node:
+            continue
+        chip = ChipRef(v.get("cluster", cluster), node, v.get("chip") or "node", uuid=v.get("uuid", ""),
+                       rack=v.get("rack", ""), vendor=v.get("vendor", ""), model=v.get("model", ""))
+        reason = "; ".join(v.get("reasons") or []) or state.value
+        out.append(Finding(chip, state, action, f"{reason} (collector)", f"collector:{chip.chip}:{chip.uuid}:{reason}", 1))
+    return out
+
+
 class ActedState:
     """Which fatal signals were already drained for, this boot (a small JSON file)."""
 
@@ -139,6 +170,7 @@ class NodeCheck:
     """One node's check: gather findings, drain for the new fatal ones, remember them."""
 
     def __init__(self, backend, node: str, cluster: str = "", *, xid_source=None, nvml_source=None,
+                 collector_url: str | None = None, collector_token: str | None = None,
                  state_dir: str | Path | None = None, procfs_root: str | Path = "/proc", dry_run: bool = False,
                  log=print):
         self.backend = backend
@@ -146,6 +178,8 @@ class NodeCheck:
         self.cluster = cluster
         self.xid_source = xid_source
         self.nvml_source = nvml_source
+        self.collector_url = collector_url
+        self.collector_token = collector_token
         self.dry_run = dry_run
         self.log = log
         try:
@@ -165,6 +199,12 @@ class NodeCheck:
                 out += nvml_findings(self.nvml_source.collect(), self.cluster, self.node)
             else:
                 self.log(f"nvml: skipped ({why})")
+        if self.collector_url:
+            try:
+                out += collector_findings(self.collector_url, self.cluster, self.node, token=self.collector_token)
+            except (OSError, ValueError, KeyError) as exc:
+                # the local checks still count when the collector is unreachable
+                self.log(f"collector: skipped ({exc})")
         return out
 
     def act(self, findings: list[Finding]) -> int:
@@ -217,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=None,
                    help="remember what was acted on this boot (e.g. /var/lib/shopfloor)")
     p.add_argument("--no-nvml", action="store_true", help="skip the NVML checks")
+    p.add_argument("--collector", metavar="URL",
+                   help="also take the collector's rule verdicts for this node (token: $SHOPFLOOR_COLLECTOR_TOKEN)")
     p.add_argument("--scontrol", default="scontrol", help="scontrol program (a path; no arguments)")
     p.add_argument("--dry-run", action="store_true", help="report what would be drained; drain nothing")
     p.add_argument("--follow", action="store_true", help="keep running; drain as soon as a fatal XID appears")
@@ -243,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nvml: skipped ({exc})")
     xid = XidSource(args.kmsg, args.procfs)   # no dedupe state: the whole log since boot
     check = NodeCheck(SlurmBackend([args.scontrol]), args.node, args.cluster, xid_source=xid,
-                      nvml_source=nvml_source, state_dir=args.state_dir, procfs_root=args.procfs,
+                      nvml_source=nvml_source, collector_url=args.collector,
+                      collector_token=os.environ.get("SHOPFLOOR_COLLECTOR_TOKEN"),
+                      state_dir=args.state_dir, procfs_root=args.procfs,
                       dry_run=args.dry_run, log=lambda m: print(m, flush=True))
     status = check.run_once()
     if not args.follow:

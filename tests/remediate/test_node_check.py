@@ -160,3 +160,42 @@ def test_slurmd_runs_it_as_its_health_check_program(tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "hc.log").read_text()[-2000:]
             time.sleep(0.2)
         assert lab.node_fields("gpu-hc1")["Reason"].startswith("shopfloor: health-check: chip 4 (GPU-2fa91425")
+
+
+def test_collector_rule_verdicts_drain_through_health_check(slurm, tmp_path):
+    """--collector: a real collector's live health job judged an XID 79 pushed over OTLP."""
+    import yaml
+
+    from agent.export.otlp import OtlpSender, encode_request
+    from agent.sources.base import point
+    from tests.support import free_port, running
+
+    token = "node-check-token"
+    port = free_port()
+    cfg = tmp_path / "collector.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{port}", "db": str(tmp_path / "c.duckdb"),
+                                   "health": {"interval": 1, "jobs": "none"}}))
+    url = f"http://127.0.0.1:{port}"
+    empty = tmp_path / "kmsg"
+    empty.write_text("")
+    env = {**slurm.env, "SHOPFLOOR_COLLECTOR_TOKEN": token}
+    with running([PYTHON, "-m", "shopfloor", "collector", "--config", str(cfg)], env=env, cwd=ROOT,
+                 ready_url=f"{url}/-/healthy", log=tmp_path / "collector.log"):
+        sender = OtlpSender(f"{url}/v1/metrics", headers={"Authorization": f"Bearer {token}"}, compression="none")
+        chips = [dict(chip=str(c), uuid=f"GPU-{c}", vendor="nvidia", model="H100") for c in range(8)]
+        resource = {"cluster": "c1", "node": "gpu-001", "rack": "r1"}
+        start = time.time_ns() - 60 * 10**9
+        assert sender.send(encode_request([point("hw.gpu.utilization", 0.5, **c) for c in chips], resource, start,
+                                          time.time_ns() - 5 * 10**9)).ok
+        assert sender.send(encode_request([point("hw.gpu.xid.errors", 1, xid=95, **chips[2])], resource, start,
+                                          time.time_ns())).ok
+        time.sleep(2.5)   # the live health job (every second) has judged it
+        args = ["--node", "gpu-001", "--kmsg", str(empty), "--collector", url]
+        out = health_check(slurm, *args)   # no token: the collector refuses, the local checks still ran
+        assert out.returncode == 0 and "collector: skipped" in out.stdout and "401" in out.stdout
+        out = subprocess.run([PYTHON, "-m", "shopfloor", "health-check", "--procfs", str(PROCFS), "--no-nvml",
+                              "--cluster", "c1", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert out.returncode == 1, out.stdout + out.stderr
+    reason = slurm.node_fields("gpu-001")["Reason"]
+    assert reason.startswith("shopfloor: health-check: chip 2 (GPU-2): XID 95: uncontained uncorrectable ECC error")
+    assert reason.endswith("(collector)")
