@@ -139,10 +139,9 @@ def test_follow_drains_as_soon_as_the_xid_line_appears(slurm, tmp_path):
 @pytest.mark.timeout(120)
 def test_slurmd_runs_it_as_its_health_check_program(tmp_path):
     """slurm.conf HealthCheckProgram -> `shopfloor health-check` -> the node drains itself."""
-    from tests.remediate.slurmlab import BINARIES, slurm_lab
-    from tests.support import require_binary
-    for name in (*BINARIES, "mknod"):
-        require_binary(name)
+    from tests.remediate.conftest import require_slurm_lab
+    from tests.remediate.slurmlab import slurm_lab
+    require_slurm_lab()
     kmsg = tmp_path / "kmsg"
     shutil.copy(FIXTURES / "kmsg" / "kmsg.log", kmsg)
     script = tmp_path / "shopfloor-health-check"
