@@ -23,6 +23,7 @@ patches this module sends.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -74,7 +75,6 @@ class KubernetesBackend:
             raise BackendError(f"kubernetes GET node {node}: {exc.status} {exc.reason}") from exc
         except Exception as exc:  # noqa: BLE001 - connection errors of every kind
             raise BackendError(f"kubernetes GET node {node}: {exc}") from exc
-        import json
         return json.loads(resp.data)
 
     def _patch(self, node: str, body: dict[str, Any]) -> bool:
