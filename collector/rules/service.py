@@ -11,6 +11,7 @@ Config section `rules` of the collector's YAML:
       external_url: http://collector.example:9600   # generatorURL prefix (default: the listen address)
       external_labels: {site: dc1}       # added to alerts sent to Alertmanager
       self_metrics: true                 # store the collector's own catalog metrics every interval
+                                         # (default: on when rule_files are configured)
       state_file: /var/lib/shopfloor/rules-state.json   # active alerts across restarts
                                          # (default: next to the DuckDB file; none for :memory:)
 
@@ -58,7 +59,7 @@ class RulesConfig:
     resend_delay_s: float = 60.0
     external_url: str = ""
     external_labels: dict[str, str] = field(default_factory=dict)
-    self_metrics: bool = True
+    self_metrics: bool = False
     state_file: str | None = None
 
     @classmethod
@@ -89,7 +90,7 @@ class RulesConfig:
         if not isinstance(labels, Mapping):
             raise ConfigError("rules.external_labels: must be a mapping")
         cfg.external_labels = {str(k): str(v) for k, v in labels.items()}
-        flag = section.get("self_metrics", True)
+        flag = section.get("self_metrics", bool(cfg.rule_files))   # for the rules: on when there are some
         if not isinstance(flag, bool):
             raise ConfigError("rules.self_metrics: must be true or false")
         cfg.self_metrics = flag
