@@ -106,15 +106,15 @@ def metric_names() -> list[str]:
 
 # ---------------------------------------------------------------------------- step 1: SQL
 _AGG = """
-SELECT name, labels, ts // {hour} AS hour,
+SELECT hash(name, labels) AS key, any_value(name) AS name, any_value(labels) AS labels, ts // {hour} AS hour,
        min(ts) AS first_ts, arg_min(value, ts) AS first,
        max(ts) AS last_ts, arg_max(value, ts) AS last,
        min(value) AS vmin, max(value) AS vmax, sum(value) AS vsum, count(*) AS n
 FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name IN (SELECT unnest(?::VARCHAR[]))
-GROUP BY name, labels, hour
+GROUP BY key, hour
 """
 _XID_ROWS = """
-SELECT name, labels, ts, value FROM ({src})
+SELECT hash(name, labels) AS key, name, labels, ts, value FROM ({src})
 WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name = ?
 """
 
@@ -143,7 +143,7 @@ def xid_rows(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: in
 
 
 def _empty_xcarry() -> pl.DataFrame:
-    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "x_last": pl.Float64})
+    return pl.DataFrame(schema={"key": pl.UInt64, "x_last": pl.Float64})
 
 
 def xid_increments(raw: pl.DataFrame, carry: pl.DataFrame | None, data_start_ms: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -156,16 +156,16 @@ def xid_increments(raw: pl.DataFrame, carry: pl.DataFrame | None, data_start_ms:
     carry = _empty_xcarry() if carry is None else carry
     if raw.is_empty():
         return _empty_events(), carry
-    raw = raw.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String)).sort("name", "labels", "ts")
-    raw = raw.join(carry, on=["name", "labels"], how="left")
-    prev = pl.coalesce(pl.col("value").shift(1).over(["name", "labels"]), pl.col("x_last"))
+    raw = raw.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String)).sort("key", "ts")
+    raw = raw.join(carry, on="key", how="left")
+    prev = pl.coalesce(pl.col("value").shift(1).over("key"), pl.col("x_last"))
     inc = (pl.when(prev.is_null())
            .then(pl.when(pl.col("ts") > data_start_ms).then(pl.col("value")).otherwise(0.0))
            .when(pl.col("value") >= prev).then(pl.col("value") - prev)
            .otherwise(pl.col("value")))          # counter reset: the new value is the increase
     ev = raw.with_columns(count=inc).filter(pl.col("count") > 0)
-    new_carry = pl.concat([carry, raw.group_by("name", "labels").agg(x_last=pl.col("value").last())]) \
-        .group_by("name", "labels").agg(pl.col("x_last").last())
+    new_carry = pl.concat([carry, raw.group_by("key").agg(x_last=pl.col("value").last())]) \
+        .group_by("key").agg(pl.col("x_last").last())
     if ev.is_empty():
         return _empty_events(), new_carry
     ev = _with_labels(ev)
@@ -235,13 +235,13 @@ class TraceSource:
 
 
 def _empty_series_hours() -> pl.DataFrame:
-    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "hour": pl.Int64, "first_ts": pl.Int64,
+    return pl.DataFrame(schema={"key": pl.UInt64, "name": pl.String, "labels": pl.String, "hour": pl.Int64, "first_ts": pl.Int64,
                                 "first": pl.Float64, "last_ts": pl.Int64, "last": pl.Float64, "vmin": pl.Float64,
                                 "vmax": pl.Float64, "vsum": pl.Float64, "n": pl.Int64})
 
 
 def _empty_xid_rows() -> pl.DataFrame:
-    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "ts": pl.Int64, "value": pl.Float64})
+    return pl.DataFrame(schema={"key": pl.UInt64, "name": pl.String, "labels": pl.String, "ts": pl.Int64, "value": pl.Float64})
 
 
 class StoreSource:
@@ -294,7 +294,7 @@ class Rollup:
 
 
 def _empty_carry() -> pl.DataFrame:
-    return pl.DataFrame(schema={"name": pl.String, "labels": pl.String, "c_hour": pl.Int64, "c_last": pl.Float64})
+    return pl.DataFrame(schema={"key": pl.UInt64, "c_hour": pl.Int64, "c_last": pl.Float64})
 
 
 def rollup(sh: pl.DataFrame, carry: pl.DataFrame | None = None) -> Rollup:
@@ -303,28 +303,39 @@ def rollup(sh: pl.DataFrame, carry: pl.DataFrame | None = None) -> Rollup:
     `carry` holds each counter series' last value before this chunk; a counter series without
     carry counts its increase from its first sample in the chunk."""
     carry = _empty_carry() if carry is None else carry
-    sh = sh.with_columns(pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String),
-                         pl.col("hour").cast(pl.Int64))
-    # labels are decoded and signals assigned once per distinct series, then joined back by id
-    series = _with_labels(sh.select("name", "labels").unique()).with_row_index("sid")
-    keys = series.select("sid", "name", "labels", *CHIP_KEY, "rack", "vendor", "model")
-    sh = sh.join(series.select("sid", "name", "labels"), on=["name", "labels"], how="left")
-    shk = sh.select("sid", "hour", "last_ts").join(keys.select("sid", *CHIP_KEY, "rack", "vendor", "model"), on="sid")
+    # labels are decoded and signals assigned once per distinct series (`key`, a hash of name and
+    # labels computed by DuckDB), then joined back by that integer
+    series = _with_labels(sh.select("key", pl.col("name").cast(pl.String), pl.col("labels").cast(pl.String))
+                          .unique(subset="key")).rename({"key": "sid"})
+    # strings are grouped once per series; the hot group-bys below run on integer ids
+    series = series.with_columns(
+        ent=pl.struct(CHIP_KEY).rank("dense").cast(pl.Int64),
+        nent=pl.struct(NODE_KEY).rank("dense").cast(pl.Int64))
+    is_chip = pl.col("chip").is_not_null() & (pl.col("chip") != "")
+    ents = series.filter(is_chip).group_by("ent").agg(
+        *[pl.col(c).first() for c in CHIP_KEY], *[pl.col(c).drop_nulls().last() for c in ("rack", "vendor", "model")])
+    nents = series.group_by("nent").agg(*[pl.col(c).first() for c in NODE_KEY], pl.col("rack").drop_nulls().last())
+    ids = series.select("sid", pl.when(is_chip).then(pl.col("ent")).alias("ent"), "nent")
+    sh = sh.drop("name", "labels").rename({"key": "sid"}).with_columns(pl.col("hour").cast(pl.Int64))
+    shk = sh.select("sid", "hour", "last_ts").join(ids, on="sid")
     # presence: newest sample time of each chip and each node per hour (any health metric)
-    chip_rows = shk.filter(pl.col("chip").is_not_null() & (pl.col("chip") != ""))
-    presence = chip_rows.group_by(CHIP_KEY + ["hour"]).agg(
-        pl.col("last_ts").max(), pl.col("rack").drop_nulls().last(), pl.col("vendor").drop_nulls().last(),
-        pl.col("model").drop_nulls().last())
-    node_presence = shk.group_by(NODE_KEY + ["hour"]).agg(node_last_ts=pl.col("last_ts").max(),
-                                                          rack=pl.col("rack").drop_nulls().last())
-    sig = _signal_of(series).select("sid", "signal")
-    tagged = sh.join(sig, on="sid", how="inner").join(keys.select("sid", *CHIP_KEY), on="sid")
-    counters = [n for n, s in _SIGNAL.items() if s.agg == "inc"]
-    is_inc = pl.col("signal").is_in(counters)
+    presence = (shk.filter(pl.col("ent").is_not_null()).group_by("ent", "hour").agg(pl.col("last_ts").max())
+                .join(ents, on="ent"))
+    node_presence = (shk.group_by("nent", "hour").agg(node_last_ts=pl.col("last_ts").max())
+                     .join(nents, on="nent"))
+    names = [s.name for s in SIGNALS]
+    code = {n: i for i, n in enumerate(names)}
+    sig = _signal_of(series).select("sid", sigc=pl.col("signal").replace_strict(code, return_dtype=pl.Int32))
+    tagged = sh.join(sig, on="sid", how="inner").join(ids, on="sid")
+
+    def codes(*aggs: str) -> list[int]:
+        return [code[n] for n, s in _SIGNAL.items() if s.agg in aggs]
+
+    is_inc = pl.col("sigc").is_in(codes("inc"))
     # counter increases per series-hour: sort per series, compare with the previous hour's last
-    inc_rows = tagged.filter(is_inc).sort("sid", "signal", "hour")
-    inc_rows = inc_rows.join(carry, on=["name", "labels"], how="left")
-    prev_last = pl.col("last").shift(1).over(["sid", "signal"])
+    inc_rows = tagged.filter(is_inc).sort("sid", "sigc", "hour")
+    inc_rows = inc_rows.join(carry.rename({"key": "sid"}), on="sid", how="left")
+    prev_last = pl.col("last").shift(1).over(["sid", "sigc"])
     prev = pl.coalesce(prev_last, pl.col("c_last"))
     within = pl.col("last") - pl.col("first")          # no earlier value: what changed inside the hour
     inc_rows = inc_rows.with_columns(
@@ -333,47 +344,40 @@ def rollup(sh: pl.DataFrame, carry: pl.DataFrame | None = None) -> Rollup:
         .otherwise(pl.col("last")))                    # reset: counted from zero
     new_carry = pl.concat([
         carry,
-        inc_rows.group_by("name", "labels").agg(c_hour=pl.col("hour").max(), c_last=pl.col("last").sort_by("hour").last()),
-    ]).group_by("name", "labels").agg(pl.col("c_last").sort_by("c_hour").last(), pl.col("c_hour").max())
+        inc_rows.group_by(key=pl.col("sid")).agg(c_hour=pl.col("hour").max(), c_last=pl.col("last").sort_by("hour").last()),
+    ]).group_by("key").agg(pl.col("c_last").sort_by("c_hour").last(), pl.col("c_hour").max())
     new_carry = new_carry.select(_empty_carry().columns)
-    def of(*aggs: str) -> pl.Expr:
-        return pl.col("signal").is_in([n for n, s in _SIGNAL.items() if s.agg in aggs])
-
     gauge_rows = tagged.filter(~is_inc).with_columns(
-        v=pl.when(of("max", "minmax")).then(pl.col("vmax"))
-        .when(of("min")).then(pl.col("vmin"))
-        .when(of("flap")).then(((pl.col("vmin") == 0) & (pl.col("vmax") != 0)).cast(pl.Float64))
+        v=pl.when(pl.col("sigc").is_in(codes("max", "minmax"))).then(pl.col("vmax"))
+        .when(pl.col("sigc").is_in(codes("min"))).then(pl.col("vmin"))
+        .when(pl.col("sigc").is_in(codes("flap"))).then(((pl.col("vmin") == 0) & (pl.col("vmax") != 0)).cast(pl.Float64))
         .otherwise(pl.col("vsum") / pl.col("n")))
-    cols = ["cluster", "node", "chip", "uuid", "hour", "signal", "v"]
+    cols = ["ent", "nent", "hour", "sigc", "v"]
     allv = pl.concat([inc_rows.select(cols), gauge_rows.select(cols)])
-    chip_sig = [n for n, s in _SIGNAL.items() if s.level == "chip"]
-    node_sig = [n for n, s in _SIGNAL.items() if s.level == "node"]
-    chip_long = allv.filter(pl.col("signal").is_in(chip_sig)).group_by(CHIP_KEY + ["hour", "signal"]).agg(
-        v=pl.col("v").sum(), vmin=pl.col("v").min(), vmax=pl.col("v").max())
-    node_long = allv.filter(pl.col("signal").is_in(node_sig)).group_by(NODE_KEY + ["hour", "signal"]).agg(
-        v=pl.col("v").sum(), vmin=pl.col("v").min(), vmax=pl.col("v").max())
-    chips = _wide(presence, chip_long, CHIP_KEY + ["hour"], chip_sig)
-    nodes = _wide(node_presence, node_long, NODE_KEY + ["hour"], node_sig)
-    return Rollup(chips, nodes, new_carry)
+    # reduce over the series of a chip (or node): counters add up, min-signals take the min,
+    # the others the max
+    red = (pl.when(pl.col("sigc").first().is_in(codes("inc"))).then(pl.col("v").sum())
+           .when(pl.col("sigc").first().is_in(codes("min", "minmax"))).then(pl.col("v").min())
+           .otherwise(pl.col("v").max()))
+    chip_codes = [code[n] for n, s in _SIGNAL.items() if s.level == "chip"]
+    chip_long = allv.filter(pl.col("sigc").is_in(chip_codes)).group_by("ent", "hour", "sigc").agg(val=red)
+    node_long = allv.filter(~pl.col("sigc").is_in(chip_codes)).group_by("nent", "hour", "sigc").agg(val=red)
+    chips = _wide(presence, chip_long, "ent", [n for n, s in _SIGNAL.items() if s.level == "chip"], names)
+    nodes = _wide(node_presence, node_long, "nent", [n for n, s in _SIGNAL.items() if s.level == "node"], names)
+    return Rollup(chips.drop("ent"), nodes.drop("nent"), new_carry)
 
 
-def _wide(base: pl.DataFrame, long: pl.DataFrame, keys: list[str], signals: list[str]) -> pl.DataFrame:
-    """One column per signal: counters summed, min-signals min, others max."""
-    long = long.with_columns(
-        val=pl.when(pl.col("signal").is_in([n for n in signals if _SIGNAL[n].agg == "inc"])).then(pl.col("v"))
-        .when(pl.col("signal").is_in([n for n in signals if _SIGNAL[n].agg in ("min", "minmax")])).then(pl.col("vmin"))
-        .otherwise(pl.col("vmax")))
-    if long.is_empty():
-        wide = base
-        for s in signals:
-            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(s))
-        return wide
-    piv = long.pivot(on="signal", index=keys, values="val", aggregate_function="first")
-    out = base.join(piv, on=keys, how="full", coalesce=True)
+def _wide(base: pl.DataFrame, long: pl.DataFrame, ent: str, signals: list[str], names: list[str]) -> pl.DataFrame:
+    """One column per signal, joined onto the presence table."""
+    if not long.is_empty():
+        long = long.with_columns(signal=pl.col("sigc").replace_strict(dict(enumerate(names)), return_dtype=pl.String))
+        piv = long.pivot(on="signal", index=[ent, "hour"], values="val", aggregate_function="first")
+        base = base.join(piv, on=[ent, "hour"], how="left")
     for s in signals:
-        if s not in out.columns:
-            out = out.with_columns(pl.lit(None, pl.Float64).alias(s))
-    return out
+        if s not in base.columns:
+            base = base.with_columns(pl.lit(None, pl.Float64).alias(s))
+    return base
+
 
 
 def concat_rollups(parts: list[Rollup]) -> Rollup:
