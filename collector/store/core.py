@@ -129,6 +129,9 @@ class Store:
         self.path = path
         self.con = duckdb.connect(path, read_only=read_only, config=config)
         self.write_lock = threading.RLock()
+        # Guards _next_id only. Never take write_lock while holding it (the writer takes this
+        # lock inside write_lock), so the two cannot deadlock.
+        self._alloc_lock = threading.Lock()
         if not read_only:
             self.con.execute(SCHEMA)
             from collector.store.views import create_views
@@ -148,6 +151,13 @@ class Store:
         self._metric_series = {m: int(n) for m, n in
                                self.con.execute("SELECT metric, count(*) FROM series GROUP BY metric").fetchall()}
 
+    def allocate_id(self) -> int:
+        """A fresh series id (the row is inserted by the caller)."""
+        with self._alloc_lock:
+            sid = self._next_id
+            self._next_id += 1
+            return sid
+
     def metric_series_count(self, metric: str) -> int:
         return self._metric_series.get(metric, 0)
 
@@ -163,11 +173,10 @@ class Store:
         with self.write_lock:
             sid = self._ids.get(fp)
             if sid is None:
-                sid = self._next_id
+                sid = self.allocate_id()
                 keys = sorted(labels)
                 self.con.execute("INSERT INTO series VALUES (?, ?, MAP(?, ?), ?)",
                                  [sid, metric, keys, [labels[k] for k in keys], fp])
-                self._next_id += 1
                 self._ids[fp] = sid
                 self._metric_series[metric] = self._metric_series.get(metric, 0) + 1
         return sid

@@ -159,9 +159,7 @@ class Writer:
                     store.series_count() + len(self._pending) >= self.max_series_total:
                 res.reason(f"total series limit ({self.max_series_total}) reached")
                 return None
-            with store.write_lock:   # store.series_id() may allocate from another thread
-                sid = store._next_id
-                store._next_id += 1
+            sid = store.allocate_id()   # not under write_lock: _commit_jobs takes _id_lock inside it
             self._pending[fp] = (sid, metric, items)
             self._pending_ids.add(sid)
             self._pending_per_metric[metric] = self._pending_per_metric.get(metric, 0) + 1
