@@ -1,0 +1,251 @@
+"""Ingest benchmark: the collector against Prometheus 2.42 on the same fleet samples, same run.
+
+    .venv/bin/python benchmarks/ingest.py [--nodes 16] [--minutes 30] [--step 10] [--clients 8]
+
+1. Renders a simulated fleet (agent.simulate: mixed B200 / Trainium2 nodes, every catalog metric)
+   for --minutes of history ending an hour ago, and encodes each node's collection at each step
+   twice: as the agent's OTLP/HTTP request (agent.export.otlp.encode_request, gzip, as agents
+   send it) and as a Prometheus remote-write 1.0 request with the same series and samples
+   (snappy). Encoding is done before any clock starts.
+2. Starts the collector (`shopfloor collector`, its own process, fresh DuckDB file) and pushes the
+   OTLP requests with --clients concurrent HTTP clients; each client owns a set of nodes and
+   sends them in time order, as agents do. Rate = accepted samples / wall time from the first
+   request to the last acknowledgement (an acknowledgement means committed to DuckDB's WAL).
+3. Starts Prometheus 2.42 (--web.enable-remote-write-receiver, temp --storage.tsdb.path) and
+   pushes the remote-write requests the same way. (Prometheus acknowledges after appending to
+   its head and WAL; it does not fsync per request.)
+4. Bytes per sample, on the same data:
+   - collector: the maintenance job compacts the (closed) history sorted by series; the
+     collector is stopped (CHECKPOINT), and the DuckDB file size is divided by the samples. The
+     samples table alone is also measured by copying it into a fresh DuckDB file.
+   - Prometheus: POST /api/v1/admin/tsdb/snapshot writes the head into a persistent block (the
+     same compressed format as a head compaction); the snapshot's size / samples.
+Prints one JSON document with both figures and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cramjam  # noqa: E402
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.support import free_port, stop, wait_http  # noqa: E402
+
+
+def render(nodes: int, minutes: int, step_s: int):
+    """[(node, step, otlp_gzip_body, remote_write_body, samples)] in time order."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from agent.export.otlp import encode_request
+    from agent.simulate.push import node_batches, step_points
+    from agent.simulate.scenario import build_scenario
+    from agent.simulate.signals import Labeler, Renderer
+    from collector.receive.otlp import Translator
+    from collector.receive.remote_write import WriteRequest
+
+    end_ms = (int(time.time()) - 3600) // step_s * step_s * 1000
+    start_ms = end_ms - minutes * 60_000
+    sc = build_scenario(1, start_ms, minutes * 60, nodes, None, 0.25)
+    renderer = Renderer(sc, step_s, "all")
+    labeler = Labeler(renderer)
+    translator = Translator(None, None)
+    out = []
+    step = 0
+    for block in renderer.blocks(renderer.steps(), 60, block_seed=0):
+        batches = node_batches(block, labeler)
+        for t, ts in enumerate(block.ts.tolist()):
+            for node in sorted(batches):
+                points = step_points(batches[node], t, ts * 1_000_000)
+                if not points:
+                    continue
+                body = encode_request(points, labeler.resource(node), sc.start_ms * 1_000_000, ts * 1_000_000)
+                # the same samples as remote write: the collector's own OTLP -> Prometheus naming
+                req = ExportMetricsServiceRequest.FromString(body)
+                rw = WriteRequest()
+                for rm in req.resource_metrics:
+                    _, base = translator.base_labels(rm.resource)
+                    for sm in rm.scope_metrics:
+                        for m in sm.metrics:
+                            kind = m.WhichOneof("data")
+                            container = getattr(m, kind)
+                            inst = "gauge" if kind == "gauge" else ("counter" if m.sum.is_monotonic else "updowncounter")
+                            name = translator.name(m.name, m.unit, inst)
+                            for dp in container.data_points:
+                                labels = {"__name__": name, **translator._labels(base, dp.attributes)}
+                                series = rw.timeseries.add()
+                                for k in sorted(labels):
+                                    series.labels.add(name=k, value=labels[k])
+                                series.samples.add(value=dp.as_double, timestamp=dp.time_unix_nano // 1_000_000)
+                out.append((node, step, gzip.compress(body, 1),
+                            bytes(cramjam.snappy.compress_raw(rw.SerializeToString())), len(points)))
+            step += 1
+    return out, start_ms, end_ms
+
+
+def push(url: str, batches, clients: int, headers: dict, ok_codes=(200, 204)) -> tuple[float, int]:
+    """Send every batch; client k sends the nodes with node % clients == k, in time order."""
+    errors: list[str] = []
+    accepted = [0] * clients
+
+    def run(k: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            for node, _, body, n in batches:
+                if node % clients != k:
+                    continue
+                for _attempt in range(20):
+                    r = client.post(url, content=body, headers=headers)
+                    if r.status_code in (429, 503):
+                        time.sleep(float(r.headers.get("Retry-After", "1")))
+                        continue
+                    break
+                if r.status_code not in ok_codes:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+                    return
+                rejected = 0
+                if r.headers.get("content-type", "").startswith("application/x-protobuf") and r.content:
+                    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+                        ExportMetricsServiceResponse)
+                    rejected = ExportMetricsServiceResponse.FromString(r.content).partial_success.rejected_data_points
+                accepted[k] += n - rejected
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{url}: {errors[:3]}")
+    return elapsed, sum(accepted)
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
+    port = free_port()
+    db = tmp / "collector.duckdb"
+    cfg = tmp / "collector.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "ingest": {"max_inflight": clients, "queue_timeout_s": 30},
+        "storage": {"maintenance_interval_s": 2, "compact_after_s": 0},
+        "rules": {"self_metrics": False}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "shopfloor", "collector", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
+           "--db", str(db), "--log-level", "warning"]
+    log = open(tmp / "collector.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/healthy", 120, proc)
+        elapsed, accepted = push(url + "/v1/metrics", [(n, s, o, k) for n, s, o, _, k in batches], clients,
+                                 {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})
+        # wait for the maintenance job to compact every closed hour of the history
+        target = (end_ms // 3_600_000 + 1) * 3_600_000
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            r = httpx.post(url + "/api/v1/sql", json={"query": "SELECT done_until FROM maintenance_state "
+                                                                "WHERE job = 'compact'"}).json()
+            rows = r["data"]["rows"]
+            if rows and rows[0][0] >= target:
+                break
+            time.sleep(1)
+        stored = httpx.post(url + "/api/v1/sql", json={"query": "SELECT count(*) FROM samples"}).json()["data"]["rows"][0][0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)   # graceful: the collector CHECKPOINTs on the way out
+        proc.wait(120)
+        log.close()
+    import duckdb
+
+    con = duckdb.connect(str(db))   # the collector has stopped; nothing is written to it here
+    compression = con.execute("SELECT column_name, compression, count(*) FROM pragma_storage_info('samples') "
+                              "WHERE segment_type <> 'VALIDITY' GROUP BY ALL ORDER BY ALL").fetchall()
+    con.execute(f"ATTACH '{tmp / 'samples-only.duckdb'}' AS samples_copy")
+    con.execute("CREATE TABLE samples_copy.samples AS SELECT * FROM samples ORDER BY series_id, ts")
+    con.close()
+    return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "stored_samples": stored,
+            "samples_per_s": round(accepted / elapsed),
+            "db_file_bytes": db.stat().st_size, "bytes_per_sample_db_file": round(db.stat().st_size / stored, 3),
+            "bytes_per_sample_samples_table": round((tmp / "samples-only.duckdb").stat().st_size / stored, 3),
+            "samples_compression": [list(r) for r in compression]}
+
+
+def bench_prometheus(tmp: Path, batches, clients: int) -> dict:
+    prometheus = shutil.which("prometheus")
+    if not prometheus:
+        return {"skipped": "prometheus not installed (Debian package prometheus)"}
+    port = free_port()
+    data = tmp / "prom-data"
+    (tmp / "prometheus.yml").write_text("global: {}\n")
+    cmd = [prometheus, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={data}",
+           f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver", "--web.enable-admin-api",
+           "--storage.tsdb.retention.time=10y"]
+    log = open(tmp / "prometheus.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/-/ready", 60, proc)
+        elapsed, accepted = push(url + "/api/v1/write", [(n, s, rw, k) for n, s, _, rw, k in batches], clients,
+                                 {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+                                  "X-Prometheus-Remote-Write-Version": "0.1.0"})
+        head = httpx.get(url + "/api/v1/status/tsdb").json()["data"]["headStats"]
+        snap = httpx.post(url + "/api/v1/admin/tsdb/snapshot", timeout=600).json()["data"]["name"]
+        snap_bytes = dir_size(data / "snapshots" / snap)
+    finally:
+        stop(proc, 60)
+        log.close()
+    return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "samples_per_s": round(accepted / elapsed),
+            "head_series": head["numSeries"], "snapshot_bytes": snap_bytes,
+            "bytes_per_sample_snapshot": round(snap_bytes / accepted, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=16)
+    p.add_argument("--minutes", type=int, default=30)
+    p.add_argument("--step", type=int, default=10)
+    p.add_argument("--clients", type=int, default=8)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    batches, start_ms, end_ms = render(args.nodes, args.minutes, args.step)
+    total = sum(b[4] for b in batches)
+    print(f"rendered {len(batches)} requests, {total} samples in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="shopfloor-bench-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "c").mkdir()
+        (tmp / "p").mkdir()
+        collector = bench_collector(tmp / "c", batches, args.clients, end_ms)
+        print(f"collector: {collector['samples_per_s']} samples/s", file=sys.stderr)
+        prom = bench_prometheus(tmp / "p", batches, args.clients)
+    result = {"command": "benchmarks/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "nodes": args.nodes, "minutes": args.minutes, "step_s": args.step, "clients": args.clients,
+              "requests": len(batches), "samples": total, "cpus": os.cpu_count(),
+              "collector": collector, "prometheus": prom}
+    if "samples_per_s" in prom:
+        result["rate_ratio_collector_over_prometheus"] = round(collector["samples_per_s"] / prom["samples_per_s"], 3)
+        result["bytes_per_sample_ratio_collector_over_prometheus"] = round(
+            collector["bytes_per_sample_db_file"] / prom["bytes_per_sample_snapshot"], 3)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
