@@ -19,6 +19,7 @@ import polars as pl
 
 from . import backtest as bt
 from . import model as risk_model
+from .evaluate import without_storms
 from .features import CHIP_KEY, HOUR_MS, StoreSource, features, read_hours
 
 CONFIRMED_TABLE = "health_confirmed_failures"
@@ -59,7 +60,9 @@ def main(argv: list[str]) -> int:
             return 0
         if args.trace:
             td = bt.read_trace(args.trace)
-            grid = features(td.rollup, td.events, end_hour=(td.end_ms - 1) // HOUR_MS)  # type: ignore[arg-type]
+            # the features the live service computes: storm events removed first
+            _, events = without_storms(td.events, td.jobs)
+            grid = features(td.rollup, events, end_hour=(td.end_ms - 1) // HOUR_MS)  # type: ignore[arg-type]
             failures, source = td.failures, f"trace {args.trace} (seed {td.meta.get('seed')})"
         else:
             grid, failures = from_collector(args.from_collector)
@@ -91,6 +94,7 @@ def from_collector(db_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
             raise ValueError(f"{db_path}: the store has no samples")
         src = StoreSource(store)
         r, ev = read_hours(src, int(lo), int(hi) + 1)
+        _, ev = without_storms(ev, None)
     finally:
         store.close()
     grid = features(r, ev, end_hour=int(hi) // HOUR_MS)

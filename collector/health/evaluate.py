@@ -34,11 +34,17 @@ class Evaluation:
     storms: list[fate.Storm]
 
 
+def without_storms(events: pl.DataFrame, jobs: pl.DataFrame | None) -> tuple[list[fate.Storm], pl.DataFrame]:
+    """(storms, the events that are not part of one)."""
+    storms, marked = fate.find_storms(events, jobs)
+    clean = marked.filter(~pl.col("in_storm")).drop("in_storm") if not marked.is_empty() else events
+    return storms, clean
+
+
 def evaluate(r: Rollup, events: pl.DataFrame, jobs: pl.DataFrame | None, model: RiskModel | None,
              *, end_hour: int | None = None, hours_from: int | None = None, now_ms: int | None = None) -> Evaluation:
     """Verdicts for every chip at the end of every hour >= hours_from (all hours when None)."""
-    storms, marked = fate.find_storms(events, jobs)
-    clean = marked.filter(~pl.col("in_storm")).drop("in_storm") if not marked.is_empty() else events
+    storms, clean = without_storms(events, jobs)
     grid = features(r, clean, end_hour=end_hour, now_ms=now_ms)
     if grid.is_empty():
         empty = pl.DataFrame()
