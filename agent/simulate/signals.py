@@ -58,6 +58,11 @@ HOST_TEMP_SENSORS = ("coretemp/Package id 0", "coretemp/Package id 1")
 FAN_SENSORS = ("nct6798/fan1", "nct6798/fan2", "nct6798/fan3", "nct6798/fan4")
 RAPL_ZONES = ("rapl/package-0", "rapl/package-1")
 HOST_BASE_W = {"nvidia": 2200.0, "aws": 1800.0}   # E: CPUs, fans, NICs, storage
+# The agent's sources (agent/sources FACTORIES) and a typical collection time in seconds (E).
+AGENT_SOURCES = {"nvml": 0.04, "dcgm": 0.015, "neuron": 0.001, "efa": 0.004, "power": 0.12, "xid": 0.001}
+# Sources that find their hardware on each kind of node (the others report supported = 0).
+AWS_SOURCES = {"neuron", "efa", "power"}
+NVIDIA_SOURCES = {"nvml", "dcgm", "xid", "efa", "power"}
 
 
 @dataclass
@@ -501,6 +506,26 @@ class Renderer:
                 watts = 120 + 180 * node_util + rng.normal(0, 5, (N, T))
                 vals = self._counter(("rapl", zone), "node", nodes, watts * step_s, 1e9)
                 groups.append(Group("hw.host.energy", "node", nodes, (("sensor", zone),), np.round(vals, 6)))
+            self._agent_groups(ts, rng, nodes, groups)
+
+    def _agent_groups(self, ts, rng, nodes, groups):
+        """The agent's self-metrics, as agent/runner.py adds them to every batch."""
+        N, T = nodes.size, ts.size
+        for source, seconds in AGENT_SOURCES.items():
+            supported = np.where(self.node_aws, source in AWS_SOURCES, source in NVIDIA_SOURCES)
+            groups.append(Group("shopfloor.agent.source.supported", "node", nodes, (("source", source),),
+                                np.broadcast_to(supported[:, None].astype(float), (N, T)).copy()))
+            rows = np.flatnonzero(supported)
+            groups.append(Group("shopfloor.agent.scrape.success", "node", nodes[rows], (("source", source),),
+                                np.ones((rows.size, T))))
+            groups.append(Group("shopfloor.agent.scrape.duration", "node", nodes[rows], (("source", source),),
+                                np.round(seconds * rng.lognormal(0, 0.2, (rows.size, T)), 6)))
+        for outcome in ("success", "retry", "rejected", "spooled"):
+            inc = np.ones((N, T)) if outcome == "success" else np.zeros((N, T))
+            groups.append(Group("shopfloor.agent.export.requests", "node", nodes, (("outcome", outcome),),
+                                self._counter(("export", outcome), "node", nodes, inc, 0.0)))
+        for name in ("shopfloor.agent.spool.usage", "shopfloor.agent.spool.batches", "shopfloor.agent.spool.dropped"):
+            groups.append(Group(name, "node", nodes, (), np.zeros((N, T))))
 
 
 class Labeler:

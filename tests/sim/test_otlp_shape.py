@@ -1,6 +1,7 @@
 """A simulated node's OTLP request looks like a real agent's: same metric names, units, types,
-attribute keys and resource attributes as a node built from the real sources on the recorded
-fixtures (NVML replay, dcgm-exporter page, kernel log, sysfs, ipmitool, neuron-monitor)."""
+attribute keys and resource attributes as one collection of the real agent (agent.runner.Agent,
+with its self-metrics) whose sources read the recorded fixtures (NVML replay, dcgm-exporter page,
+kernel log, sysfs, ipmitool, neuron-monitor)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
+from agent.config import AgentConfig
 from agent.export.otlp import encode_request
+from agent.runner import Agent
 from agent.simulate import params as P
 from agent.simulate.push import node_batches, step_points
 from agent.simulate.scenario import build_scenario
@@ -48,27 +51,64 @@ def shape(body: bytes):
     return out, {kv.key for kv in rm.resource.attributes}
 
 
+class Unsupported:
+    """A source whose hardware is absent on this node (the agent reports supported = 0)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def supported(self):
+        return False, "not on this node"
+
+    def collect(self):
+        raise AssertionError("never collected")
+
+
+class Replayed:
+    """NeuronSource's report after feeding it the recorded neuron-monitor lines."""
+
+    name = "neuron"
+
+    def __init__(self, points):
+        self.points = points
+
+    def supported(self):
+        return True, ""
+
+    def collect(self):
+        return self.points
+
+
+def agent_batch(tmp_path, sources) -> bytes:
+    """One collection of the real agent (agent.runner.Agent) with these sources - data points,
+    self-metrics and export metrics - encoded as the agent encodes it. The agent's shipper is
+    never started, so nothing is sent."""
+    config = AgentConfig(labels=RESOURCE, collector_endpoint="http://127.0.0.1:9/v1/metrics", listen="",
+                         spool_dir=str(tmp_path / "spool"), state_dir=str(tmp_path / "state"))
+    agent = Agent(config, sources=sources)
+    points = agent.collect_once()
+    return encode_request(points, agent.resource, agent.start_time_ns, agent.last_time_ns)
+
+
 def fixture_gpu_node(tmp_path):
     recording = json.loads((FIXTURES / "nvml" / "recorded_b200x8.json").read_text())
-    points = NvmlSource(nvml=NvmlReplay(copy.deepcopy(recording))).collect()
-    with serving(PAGE) as url:
-        points += DcgmSource(url, timeout=5).collect()
-    points += XidSource(FIXTURES / "kmsg" / "kmsg.log", FIXTURES / "procfs", tmp_path / "xid").collect()
-    points += EfaSource(sysfs_root=FIXTURES / "sysfs").collect()
     ipmitool = [str(FIXTURES / "ipmitool" / "fake-ipmitool"), "dcmi", "power", "reading"]
-    points += PowerSource(FIXTURES / "sysfs", ipmitool).collect()
-    return encode_request(points, RESOURCE, 1, 2)
+    with serving(PAGE) as url:
+        return agent_batch(tmp_path, [
+            NvmlSource(nvml=NvmlReplay(copy.deepcopy(recording))), DcgmSource(url, timeout=5),
+            Unsupported("neuron"), EfaSource(sysfs_root=FIXTURES / "sysfs"),
+            PowerSource(FIXTURES / "sysfs", ipmitool),
+            XidSource(FIXTURES / "kmsg" / "kmsg.log", FIXTURES / "procfs", tmp_path / "xid")])
 
 
-def fixture_trainium_node():
+def fixture_trainium_node(tmp_path):
     src = NeuronSource([sys.executable, str(FIXTURES / "neuron" / "fake-neuron-monitor")])
     for line in (FIXTURES / "neuron" / "trn2.jsonl").read_bytes().split(b"\n"):
         src.feed_line(line)     # what its reader thread does with each line of neuron-monitor
-    points = src.current()
-    points += EfaSource(sysfs_root=FIXTURES / "sysfs").collect()
     ipmitool = [str(FIXTURES / "ipmitool" / "fake-ipmitool"), "dcmi", "power", "reading"]
-    points += PowerSource(FIXTURES / "sysfs", ipmitool).collect()
-    return encode_request(points, RESOURCE, 1, 2)
+    return agent_batch(tmp_path, [
+        Unsupported("nvml"), Unsupported("dcgm"), Replayed(src.current()),
+        EfaSource(sysfs_root=FIXTURES / "sysfs"), PowerSource(FIXTURES / "sysfs", ipmitool), Unsupported("xid")])
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +147,8 @@ def test_simulated_gpu_node_speaks_like_the_real_sources(simulated, tmp_path):
     compare(simulated["nvidia"], fixture_gpu_node(tmp_path))
 
 
-def test_simulated_trainium_node_speaks_like_the_real_sources(simulated):
-    compare(simulated["aws"], fixture_trainium_node())
+def test_simulated_trainium_node_speaks_like_the_real_sources(simulated, tmp_path):
+    compare(simulated["aws"], fixture_trainium_node(tmp_path))
 
 
 def test_simulated_values_are_in_the_catalog_units(simulated):
