@@ -106,10 +106,20 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _skip_varint(buf: bytes, i: int) -> int:
-    while buf[i] & 0x80:
-        i += 1
-    return i + 1
+def _skip_field(buf: bytes, i: int) -> int:
+    """Index after the field whose tag starts at buf[i] (any wire type protobuf still uses)."""
+    tag, i = _varint(buf, i)
+    wire = tag & 7
+    if wire == 0:
+        return _varint(buf, i)[1]
+    if wire == 1:
+        return i + 8
+    if wire == 2:
+        length, i = _varint(buf, i)
+        return i + length
+    if wire == 5:
+        return i + 4
+    raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
 @dataclass
@@ -237,8 +247,8 @@ class Translator:
         i = 0
         while i < n:
             tag = buf[i]
-            if tag != 0x0A:   # temporality / monotonic flags of a Sum: a varint to skip
-                i = _skip_varint(buf, i + 1) if tag in (0x10, 0x18) else n
+            if tag != 0x0A:   # a Sum's temporality / monotonic flag, or a field we do not know
+                i = _skip_field(buf, i)
                 continue
             ln = buf[i + 1]
             i += 2
@@ -307,17 +317,6 @@ class Translator:
     @staticmethod
     def _ts(dp, now_ms: int) -> int:
         return dp.time_unix_nano // 1_000_000 if dp.time_unix_nano else now_ms
-
-    def _numbers(self, rows, name, base, points, now_ms) -> None:
-        for dp in points:
-            labels = self._labels(base, dp.attributes)
-            if dp.flags & FLAG_NO_RECORDED_VALUE:
-                value = None
-            elif dp.WhichOneof("value") == "as_int":
-                value = float(dp.as_int)
-            else:
-                value = dp.as_double
-            rows.append((name, labels, self._ts(dp, now_ms), value))
 
     def _deltas(self, deltas, name, base, points, now_ms) -> None:
         """Collect delta points; their running totals are computed at commit time."""
