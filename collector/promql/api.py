@@ -52,13 +52,17 @@ def error(kind: str, message: str) -> Response:
     return _json({"status": "error", "errorType": kind, "error": message}, STATUS.get(kind, 500))
 
 
-def success(data, warnings: list[str] | None = None, infos: list[str] | None = None) -> Response:
-    body: dict = {"status": "success", "data": data}
+def success(data, warnings: list[str] | None = None, infos: list[str] | None = None, *,
+            data_json: str | None = None) -> Response:
+    """Prometheus' success envelope; `data_json` is already-encoded data (query answers)."""
+    extra = ""
     if warnings:
-        body["warnings"] = list(dict.fromkeys(warnings))
+        extra += ',"warnings":' + json.dumps(list(dict.fromkeys(warnings)))
     if infos:
-        body["infos"] = list(dict.fromkeys(infos))
-    return _json(body)
+        extra += ',"infos":' + json.dumps(list(dict.fromkeys(infos)))
+    if data_json is None:
+        data_json = json.dumps(data, separators=(",", ":"))
+    return Response('{"status":"success","data":' + data_json + extra + "}", media_type="application/json")
 
 
 _DURATION_PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
@@ -109,33 +113,40 @@ def _sample(t_s: float, v: float) -> list:
     return [t_s, format_value(v)]
 
 
-def result_json(res: Result) -> dict:
+def result_json(res: Result) -> str:
+    """The `data` member of a query answer, as JSON text."""
     if res.type == "scalar":
-        return {"resultType": "scalar", "result": _sample(res.time_s, res.value)}
+        return json.dumps({"resultType": "scalar", "result": _sample(res.time_s, res.value)})
     if res.type == "string":
-        return {"resultType": "string", "result": [res.time_s, res.value]}
+        return json.dumps({"resultType": "string", "result": [res.time_s, res.value]})
     if res.type == "vector":
-        return {"resultType": "vector",
-                "result": [{"metric": lb, "value": _sample(res.time_s, v)} for lb, v in res.value]}
-    return {"resultType": "matrix",
-            "result": [{"metric": lb, "values": list(zip((ts / 1000).tolist(), format_values(vs)))}
-                       for lb, ts, vs in res.value]}
+        return json.dumps({"resultType": "vector",
+                           "result": [{"metric": lb, "value": _sample(res.time_s, v)} for lb, v in res.value]},
+                          separators=(",", ":"))
+    parts = ",".join('{"metric":' + json.dumps(lb, separators=(",", ":")) + ',"values":' + values_json(ts, vs) + "}"
+                     for lb, ts, vs in res.value)
+    return '{"resultType":"matrix","result":[' + parts + "]}"
 
 
-def format_values(values: np.ndarray) -> list[str]:
-    """format_value over an array, vectorised for the common case.
+_EXPONENT = re.compile(r'"(-?[0-9.]+e[-+]?[0-9]+)"')
 
-    Python's repr of a float in [1e-4, 1e16) is already Go's shortest 'f' form (modulo a
-    trailing ".0"); only the rest (exponents, NaN, Inf) goes through format_value.
+
+def values_json(ts: np.ndarray, values: np.ndarray) -> str:
+    """[[t,"v"],...] for one series, formatted by C code rather than one Python call per point.
+
+    json.dumps writes each float with repr (shortest round-trip digits); the few spellings that
+    differ from Prometheus' (strconv 'f', -1) are then fixed on the text: a trailing ".0", the
+    exponent form, and NaN / Infinity.
     """
-    lst = values.tolist()
-    out = [s[:-2] if s.endswith(".0") else s for s in map(repr, lst)]
-    with np.errstate(invalid="ignore"):
-        mag = np.abs(values)
-        special = ~np.isfinite(values) | (mag >= 1e16) | ((mag < 1e-4) & (values != 0))
-    for i in np.flatnonzero(special):
-        out[i] = format_value(lst[i])
-    return out
+    if len(ts) == 0:
+        return "[]"
+    t_text = json.dumps((ts / 1000).tolist())[1:-1].split(", ")
+    v_text = json.dumps(values.tolist())[1:-1].split(", ")
+    text = "[[" + "],[".join(map('{},"{}"'.format, t_text, v_text)) + "]]"
+    text = text.replace('.0"', '"').replace('"Infinity"', '"+Inf"').replace('"-Infinity"', '"-Inf"')
+    if "e" in text:
+        text = _EXPONENT.sub(lambda m: '"' + format_value(float(m.group(1))) + '"', text)
+    return text
 
 
 class QueryAPI:
@@ -176,13 +187,15 @@ class QueryAPI:
         if t <= 0 or t >= self.limits.timeout_s:
             return self.engine
         lim = Limits(**{**self.limits.__dict__, "timeout_s": t})
-        return Engine(self.ctx.store, lim)
+        engine = Engine(self.ctx.store, lim)
+        engine.series_cache, engine.cache_lock = self.engine.series_cache, self.engine.cache_lock
+        return engine
 
     def query(self, params) -> Response:
         q = _one(params, "query")
         t = parse_time(_first(params, "time"), "time", time.time())
         res = self.engine_for(params).instant(q, t)
-        return success(result_json(res), res.warnings, res.infos)
+        return success(None, res.warnings, res.infos, data_json=result_json(res))
 
     def query_range(self, params) -> Response:
         q = _one(params, "query")
@@ -195,7 +208,7 @@ class QueryAPI:
             raise PromQLError('invalid parameter "step": zero or negative query resolution step widths are '
                               'not accepted. Try a positive integer', "bad_data")
         res = self.engine_for(params).range(q, start, end, step_s)
-        return success(result_json(res), res.warnings, res.infos)
+        return success(None, res.warnings, res.infos, data_json=result_json(res))
 
     # ------------------------------------------------------------------ metadata endpoints
     def _matched_series(self, params) -> list[dict[str, str]]:

@@ -29,6 +29,7 @@ from .values import NAME, PromQLError, RangeVector, Scalar, String, Vector, labe
 
 DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
+SERIES_CACHE_ENTRIES = 512          # selector -> selected series, shared by the engine's queries
 
 
 @dataclass
@@ -212,7 +213,7 @@ class Evaluation:
         self.want_sample_ts = False
         self.warnings: list[str] = []
         self.infos: list[str] = []
-        self._series_cache: dict[tuple, list[tuple[int, dict[str, str]]]] = {}
+        self._series_cache = engine.series_cache
 
     def run(self, ast, times: np.ndarray):
         """Evaluate the query, interrupting a DuckDB read that is still running at the deadline."""
@@ -294,9 +295,12 @@ class Evaluation:
         """Series of a selector, sorted by label set as Prometheus' storage returns them."""
         groups = self.matchers(vs)
         key = tuple(tuple(g) for g in groups)
+        # Series rows are never deleted and new ones only add to the count, so a cached selection
+        # is valid while the store's series count is unchanged (dashboards re-ask the same ones).
+        count = self.store.series_count()
         hit = self._series_cache.get(key)
-        if hit is not None:
-            return hit
+        if hit is not None and hit[0] == count:
+            return hit[1]
         found: dict[int, dict[str, str]] = {}
         for group in groups:
             for m in group:
@@ -309,7 +313,10 @@ class Evaluation:
             for sid, metric, labels in self.store.select_series(group, self.cur):
                 found[sid] = {NAME: metric, **labels}
         out = sorted(found.items(), key=lambda kv: label_key(kv[1]))
-        self._series_cache[key] = out
+        with self.engine.cache_lock:
+            if len(self._series_cache) >= SERIES_CACHE_ENTRIES:
+                self._series_cache.pop(next(iter(self._series_cache)))
+            self._series_cache[key] = (count, out)
         return out
 
     def load(self, series: list[tuple[int, dict]], start_ms: int, end_ms: int):
@@ -592,6 +599,8 @@ class Engine:
     def __init__(self, store, limits: Limits | dict | None = None):
         self.store = store
         self.limits = Limits.from_config(limits)
+        self.series_cache: dict[tuple, tuple[int, list]] = {}
+        self.cache_lock = threading.Lock()
 
     def instant(self, query: str, time_s: float) -> Result:
         ast, neg = parse(query)
