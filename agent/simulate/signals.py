@@ -110,6 +110,11 @@ class Renderer:
         self.chip_speed = r.uniform(0.92, 1.0, sc.inc_slot.size)        # job intensity per chip
         self.chip_heat = r.normal(0.0, 2.0, sc.inc_slot.size)           # placement in the airflow
         self.node_ambient = r.normal(0.0, 1.5, f.n_nodes)
+        # Checkpoints: every job stalls its accelerators for a few minutes every 30-90 minutes (E).
+        rj = np.random.default_rng(np.random.SeedSequence([sc.seed, 13]))
+        n_jobs = len(sc.job_names)
+        self.ckpt_period = (rj.uniform(30, 90, n_jobs) * P.MINUTE_MS).astype(np.int64)
+        self.ckpt_len = (rj.uniform(1, 4, n_jobs) * P.MINUTE_MS).astype(np.int64)
         # The two NVLink links whose CRC errors rise before an off-bus failure.
         nvlinks = P.HARDWARE["nvidia"].nvlinks
         self.bad_links = {int(fl.inc): (fl.detail % nvlinks, (fl.detail // 7) % nvlinks)
@@ -187,8 +192,12 @@ class Renderer:
 
         # ---- node activity from the scheduler
         busy_node = np.zeros((f.n_nodes, T), dtype=bool)
+        stall_node = np.zeros((f.n_nodes, T), dtype=bool)   # checkpoint: the whole job stalls at once
         for row in np.flatnonzero((sc.job_start < b1) & (sc.job_end > b0)):
-            busy_node[sc.job_node[row], _interval_slice(ts, sc.job_start[row], sc.job_end[row])] = True
+            sl = _interval_slice(ts, sc.job_start[row], sc.job_end[row])
+            busy_node[sc.job_node[row], sl] = True
+            j = sc.job_of_row[row]
+            stall_node[sc.job_node[row], sl] = (ts[sl] - sc.job_start[row]) % self.ckpt_period[j] < self.ckpt_len[j]
 
         # ---- chips in service during the block
         inc = np.flatnonzero((sc.inc_from < b1) & (sc.inc_to > b0))
@@ -222,6 +231,7 @@ class Renderer:
         # ---- utilization, power, temperature
         busy = busy_node[node] & present & ~broken
         level = self.chip_speed[inc][:, None] * rng.uniform(0.85, 1.0, (C, 1))
+        level = np.where(stall_node[node], 0.1, level)
         util = np.where(busy, np.clip(level + rng.normal(0, 0.03, (C, T)), 0, 1), 0.0)
         util = np.round(util, 2)
         idle_w = np.where(aws, P.HARDWARE["aws"].idle_w, P.HARDWARE["nvidia"].idle_w)[:, None]
