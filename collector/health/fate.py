@@ -88,23 +88,24 @@ def find_storms(events: pl.DataFrame, jobs: pl.DataFrame | None = None) -> tuple
 
 
 # ---------------------------------------------------------------------------- live job membership
-def expand_hostlist(hostlist: str, scontrol: str = "scontrol") -> list[str]:
-    """Slurm hostlist ("gpu[01-03,07]") -> names, with Slurm's own expansion."""
+def expand_hostlist(hostlist: str, scontrol: str = "scontrol", env: dict | None = None) -> list[str]:
+    """Slurm hostlist ("gpu[01-03,07]") -> names, with Slurm's own expansion (argument list, no shell)."""
     out = subprocess.run([scontrol, "show", "hostnames", hostlist], capture_output=True, text=True,
-                         timeout=10, check=True)
+                         timeout=10, check=True, env=env)
     return [h for h in out.stdout.split() if h]
 
 
-def jobs_from_squeue(squeue: str = "squeue", scontrol: str = "scontrol", now_ms: int = 0) -> pl.DataFrame:
-    """Running jobs and their nodes, from `squeue -h -t R -o '%i %N'`."""
+def jobs_from_squeue(squeue: str = "squeue", scontrol: str = "scontrol", env: dict | None = None) -> pl.DataFrame:
+    """Running jobs and their nodes, from `squeue -h -t R -o '%i %N'` (start/end: always, as the
+    membership is read at evaluation time)."""
     out = subprocess.run([squeue, "-h", "-t", "R", "-o", "%i %N"], capture_output=True, text=True,
-                         timeout=10, check=True)
+                         timeout=10, check=True, env=env)
     rows = []
     for line in out.stdout.splitlines():
         parts = line.split(None, 1)
         if len(parts) != 2:
             continue
-        for node in expand_hostlist(parts[1].strip(), scontrol):
+        for node in expand_hostlist(parts[1].strip(), scontrol, env):
             rows.append((parts[0], node, 0, 1 << 62))
     return pl.DataFrame(rows, schema={"job": pl.String, "node": pl.String, "start": pl.Int64, "end": pl.Int64},
                         orient="row")
