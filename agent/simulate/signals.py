@@ -41,8 +41,8 @@ EFA_PORT_COUNTERS_ALL = (
     "rdma_write_wrs", "rdma_write_bytes", "rdma_write_wr_err", "rdma_write_recv_bytes",
     "retrans_bytes", "retrans_pkts", "retrans_timeout_events", "unresponsive_remote_events",
     "impaired_remote_conn_events")
-EFA_PORT_COUNTERS_HEALTH = ("rx_drops", "retrans_pkts", "unresponsive_remote_events",
-                            "impaired_remote_conn_events")
+EFA_PORT_COUNTERS_HEALTH = ("rx_drops", "retrans_pkts", "retrans_timeout_events",
+                            "unresponsive_remote_events", "impaired_remote_conn_events")
 EFA_DEVICE_COUNTERS = ("alloc_pd_err", "alloc_ucontext_err", "cmds_err", "completed_cmds",
                        "create_ah_err", "create_cq_err", "create_qp_err", "keep_alive_rcvd",
                        "mmap_err", "no_completion_cmds", "reg_mr_err", "submitted_cmds")
@@ -259,6 +259,8 @@ class Renderer:
         chip("hw.power", power, rows=nv)
         chip("hw.temperature", gpu_temp, (("sensor", "gpu"),), rows=nv)
         chip("hw.temperature", mem_temp, (("sensor", "memory"),), rows=nv)
+        # the slowdown threshold is in the health set too: thermal margin = limit - temperature
+        chip("hw.temperature.limit", np.full((C, T), L["slowdown"]), (("sensor", "gpu"), ("threshold", "slowdown")), rows=nv)
         hw_thermal = (gpu_temp >= L["slowdown"]).astype(float)
         sw_thermal = (gpu_temp >= L["gpu_max"]).astype(float)
         reasons = {"hw_thermal": hw_thermal, "sw_thermal": sw_thermal}
@@ -401,7 +403,7 @@ class Renderer:
         chip("hw.power.limit", np.full((C, T), P.HARDWARE["nvidia"].tdp_w), rows=nv)
         chip("hw.energy", np.round(ctr(("energy",), np.where(present, power * step_s, 0), 5e9), 3), rows=nv)
         L = P.GPU_TEMP_LIMITS
-        for sensor, threshold in (("gpu", "shutdown"), ("gpu", "slowdown"), ("gpu", "gpu_max"), ("memory", "memory_max")):
+        for sensor, threshold in (("gpu", "shutdown"), ("gpu", "gpu_max"), ("memory", "memory_max")):
             chip("hw.temperature.limit", np.full((C, T), L[threshold]), (("sensor", sensor), ("threshold", threshold)), rows=nv)
         sm = np.where(util > 0, 1965e6 - 300e6 * (power > 950), 345e6)
         chip("hw.gpu.clock", sm, (("clock", "sm"),), rows=nv)
