@@ -82,17 +82,19 @@ def block_table(block: Block, index: SeriesIndex) -> pa.Table:
     series_name = np.concatenate([np.full(g.ids.size, name_of[cat.prom(g.otel)], dtype=np.int32) for g in groups])
     series_label = np.concatenate([index.label_ids(g) for g in groups])
     label_ids, label_idx = np.unique(series_label, return_inverse=True)
-    matrix = np.vstack([g.values for g in groups])
-    S = matrix.shape[0]
-    flat = matrix.ravel()
+    flat = np.vstack([g.values for g in groups]).ravel()
+    S = flat.size // T
+    ts = np.tile(block.ts, S)
+    name_rows = np.repeat(series_name, T)
+    label_rows = np.repeat(label_idx.astype(np.int32), T)
     keep = ~np.isnan(flat)
-    series = np.repeat(np.arange(S, dtype=np.int32), T)[keep]
+    if not keep.all():   # silent chips, XID series before their first XID
+        ts, name_rows, label_rows, flat = ts[keep], name_rows[keep], label_rows[keep], flat[keep]
     return pa.table([
-        pa.array(np.tile(block.ts, S)[keep], pa.int64()),
-        pa.DictionaryArray.from_arrays(series_name[series], pa.array(names, pa.string())),
-        pa.DictionaryArray.from_arrays(label_idx.astype(np.int32)[series],
-                                       pa.array([index.strings[i] for i in label_ids.tolist()], pa.string())),
-        pa.array(flat[keep], pa.float64()),
+        pa.array(ts, pa.int64()),
+        pa.DictionaryArray.from_arrays(name_rows, pa.array(names, pa.string())),
+        pa.DictionaryArray.from_arrays(label_rows, pa.array([index.strings[i] for i in label_ids.tolist()], pa.string())),
+        pa.array(flat, pa.float64()),
     ], schema=SAMPLES_SCHEMA)
 
 
