@@ -220,10 +220,10 @@ class Renderer:
         at_fail = {m: self._at_step(ts, inc, [(fl.inc, fl.ts, 1) for fl in fails if fl.mode == m])
                    for m in ("hbm_uncorrectable", "off_bus", "sram_ecc", "gsp")}
 
-        def chip(otel, values, extra=(), rows=None, keep_silent=False):
+        def chip(otel, values, extra=(), rows=None):
+            """A chip metric for the chips in `rows`; no sample while a chip is silent."""
             rows = np.ones(C, dtype=bool) if rows is None else rows
-            mask = (installed if keep_silent else present)[rows]
-            groups.append(Group(otel, "chip", inc[rows], tuple(extra), np.where(mask, values[rows], np.nan)))
+            groups.append(Group(otel, "chip", inc[rows], tuple(extra), np.where(present[rows], values[rows], np.nan)))
 
         def ctr(key, increments, scale):
             return self._counter(key, "chip", inc, increments, scale)
@@ -239,6 +239,8 @@ class Renderer:
         power = np.clip(idle_w + util * (tdp_w - idle_w) + rng.normal(0, 8, (C, T)), 0.8 * idle_w, 1.02 * tdp_w)
         power = np.round(power, 3)      # NVML reports milliwatts
 
+        # Die temperature (NVML only: neuron-monitor reports none, so only NVIDIA rows are emitted);
+        # a thermal precursor adds a drift of up to +20 C before the failure.
         hw = P.HARDWARE["nvidia"]
         drift = 20.0 * prog["thermal"] ** 1.5
         target = (hw.temp_ambient_c + self.node_ambient[node][:, None] + self.chip_heat[inc][:, None]
@@ -280,20 +282,18 @@ class Renderer:
         sram_corr = rng.poisson(np.where(present, sram_rate, 0))
         hbm_unc = at_fail["hbm_uncorrectable"] * (1 + rng.poisson(0.5, (C, T)))
         sram_unc = at_fail["sram_ecc"]
-        scopes = ("aggregate", "volatile") if self.full else ("aggregate",)
-        for scope in scopes:
-            scale = 400.0 if scope == "aggregate" else 0.0   # lifetime errors before the trace (E)
-            # NVIDIA: NVML's total counts (HBM and SRAM together)
+        # NVIDIA: NVML's totals (HBM and SRAM together), lifetime ("aggregate", with errors from
+        # before the trace, E) and, in the full set, since the driver loaded ("volatile")
+        for scope in (("aggregate", "volatile") if self.full else ("aggregate",)):
             for typ, inc_v in (("corrected", hbm_corr + sram_corr), ("uncorrected", hbm_unc + sram_unc)):
-                vals = ctr(("ecc", "device", typ, scope), np.where(nv[:, None], inc_v, 0),
-                           scale if typ == "corrected" else 0.0)
+                scale = 400.0 if (scope, typ) == ("aggregate", "corrected") else 0.0
+                vals = ctr(("ecc", "device", typ, scope), np.where(nv[:, None], inc_v, 0), scale)
                 chip("hw.gpu.ecc.errors", vals, (("memory", "device"), ("scope", scope), ("type", typ)), rows=nv)
-            # Trainium: neuron-monitor splits HBM and SRAM; counts since the agent started
-            if scope == "volatile" or not self.full:
-                for memory, corr, unc in (("hbm", hbm_corr, hbm_unc), ("sram", sram_corr, sram_unc)):
-                    for typ, inc_v in (("corrected", corr), ("uncorrected", unc)):
-                        vals = ctr(("ecc", memory, typ), np.where(aws[:, None], inc_v, 0), 0.0)
-                        chip("hw.gpu.ecc.errors", vals, (("memory", memory), ("scope", "volatile"), ("type", typ)), rows=aws)
+        # Trainium: neuron-monitor splits HBM and SRAM; the agent counts since it started ("volatile")
+        for memory, corr, unc in (("hbm", hbm_corr, hbm_unc), ("sram", sram_corr, sram_unc)):
+            for typ, inc_v in (("corrected", corr), ("uncorrected", unc)):
+                vals = ctr(("ecc", memory, typ), np.where(aws[:, None], inc_v, 0), 0.0)
+                chip("hw.gpu.ecc.errors", vals, (("memory", memory), ("scope", "volatile"), ("type", typ)), rows=aws)
 
         # ---- row remapping (NVIDIA)
         remap_ev, xid_ev = [], []
