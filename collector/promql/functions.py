@@ -93,9 +93,54 @@ def _expand(template: str, m: re.Match) -> str:
     return "".join(out)
 
 
+def _scope_inline_flags(pattern: str) -> str:
+    """RE2 allows `(?i)` anywhere, applying to the rest of the enclosing group; Python only at
+    the start. Rewrite each such flag group as a scoped `(?i:...)` closed with its group."""
+    out: list[str] = []
+    closers: list[int] = []      # per open group: how many scoped groups to close with it
+    closers.append(0)
+    i = 0
+    in_class = False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+            out.append(ch)
+            i += 1
+            continue
+        if ch == "[":
+            in_class = True
+            out.append(ch)
+            i += 1
+            if i < len(pattern) and pattern[i] == "]":
+                out.append("]")
+                i += 1
+            continue
+        m = re.match(r"\(\?([a-zA-Z-]+)\)", pattern[i:])
+        if m and i > 0:
+            out.append(f"(?{m.group(1)}:")
+            closers[-1] += 1
+            i += len(m.group(0))
+            continue
+        if ch == "(":
+            closers.append(0)
+        elif ch == ")" and len(closers) > 1:
+            out.append(")" * closers.pop())
+        out.append(ch)
+        i += 1
+    out.append(")" * closers[0])
+    return "".join(out)
+
+
 def _go_regex(pattern: str) -> re.Pattern:
+    """Compile an RE2 (Go) pattern with Python's re: anchored by fullmatch, `.` matching newline
+    as Prometheus' `(?s:...)` wrapping does, inline flags scoped as RE2 scopes them."""
     try:
-        return re.compile(pattern, re.DOTALL)
+        return re.compile(_scope_inline_flags(pattern).replace("\\z", "\\Z"), re.DOTALL)
     except re.error as exc:
         raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from None
 

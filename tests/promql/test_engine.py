@@ -78,3 +78,11 @@ def test_stale_marker_ends_series():
     assert e.instant("count_over_time(g[1m])", 25).value == [({}, 2.0)]   # markers are not samples
     scalar = e.instant("scalar(g)", 15)
     assert scalar.type == "scalar" and math.isnan(scalar.value)
+
+
+def test_label_replace_takes_re2_inline_flags(engine):
+    # RE2 (Go) scopes `(?i)` to the rest of its group; Python's re refuses it mid-pattern
+    res = engine.instant('label_replace(m, "b", "$1", "a", "(?s)((?i)X)")', 0)
+    assert res.value == [({"__name__": "m", "a": "x", "b": "x"}, 0.0)]
+    res = engine.instant('label_replace(m, "b", "$1", "a", "(x)(?i)Y")', 0)   # no match: unchanged
+    assert res.value == [({"__name__": "m", "a": "x"}, 0.0)]
