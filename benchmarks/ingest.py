@@ -176,14 +176,17 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
     import duckdb
 
     con = duckdb.connect(str(db))   # the collector has stopped; nothing is written to it here
-    compression = con.execute("SELECT column_name, compression, count(*) FROM pragma_storage_info('samples') "
+    compression = con.execute("SELECT column_name, compression, count(*) FROM pragma_storage_info('samples_cold') "
                               "WHERE segment_type <> 'VALIDITY' GROUP BY ALL ORDER BY ALL").fetchall()
+    _, _, block_size, _, used_blocks, free_blocks, *_ = con.execute("PRAGMA database_size").fetchall()[0]
     con.execute(f"ATTACH '{tmp / 'samples-only.duckdb'}' AS samples_copy")
     con.execute("CREATE TABLE samples_copy.samples AS SELECT * FROM samples ORDER BY series_id, ts")
     con.close()
     return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "stored_samples": stored,
             "samples_per_s": round(accepted / elapsed),
             "db_file_bytes": db.stat().st_size, "bytes_per_sample_db_file": round(db.stat().st_size / stored, 3),
+            "db_used_bytes": used_blocks * block_size, "db_free_blocks": free_blocks,
+            "bytes_per_sample_db_used": round(used_blocks * block_size / stored, 3),
             "bytes_per_sample_samples_table": round((tmp / "samples-only.duckdb").stat().st_size / stored, 3),
             "samples_compression": [list(r) for r in compression]}
 

@@ -7,6 +7,9 @@ Layout (docs/storage.md has the user-facing description):
     samples(series_id INTEGER, ts BIGINT, value DOUBLE)
         ts in milliseconds since the epoch; value NULL is a Prometheus staleness marker
         (DuckDB does not keep NaN payload bits, so the special stale NaN cannot be stored as-is).
+        A view over two tables with the same columns: samples_hot, where ingest appends in
+        arrival order, and samples_cold, where maintenance.compact moves closed hours sorted by
+        (series_id, ts). Read `samples`; only the writer and maintenance touch the two tables.
 
 Small integer ids, millisecond integers and doubles compress well in DuckDB's columnar
 segments (bit-packing, delta, ALP); compaction (see writer) keeps samples clustered by series.
@@ -33,11 +36,20 @@ CREATE TABLE IF NOT EXISTS series (
     labels      MAP(VARCHAR, VARCHAR) NOT NULL,
     fingerprint UBIGINT NOT NULL UNIQUE
 );
-CREATE TABLE IF NOT EXISTS samples (
+CREATE TABLE IF NOT EXISTS samples_hot (
     series_id INTEGER NOT NULL,
     ts        BIGINT  NOT NULL,
     value     DOUBLE
 );
+CREATE TABLE IF NOT EXISTS samples_cold (
+    series_id INTEGER NOT NULL,
+    ts        BIGINT  NOT NULL,
+    value     DOUBLE
+);
+CREATE OR REPLACE VIEW samples AS
+    SELECT series_id, ts, value FROM samples_cold
+    UNION ALL
+    SELECT series_id, ts, value FROM samples_hot;
 -- Keys of acknowledged ingest batches, written in the same transaction as their samples, so a
 -- retried batch (the client never saw our 200) is recognised and not stored twice.
 CREATE TABLE IF NOT EXISTS ingest_batches (
@@ -133,6 +145,7 @@ class Store:
         # lock inside write_lock), so the two cannot deadlock.
         self._alloc_lock = threading.Lock()
         if not read_only:
+            self._migrate()
             self.con.execute(SCHEMA)
             from collector.store.views import create_views
             create_views(self.con)
@@ -142,6 +155,13 @@ class Store:
         self._metric_series: dict[str, int] = {}   # metric -> number of series (cardinality limits)
         self._next_id = 1
         self._load_series_cache()
+
+    def _migrate(self) -> None:
+        """Files from before the hot/cold split had a `samples` table: it becomes samples_hot."""
+        kind = self.con.execute("SELECT table_type FROM information_schema.tables "
+                                "WHERE table_name = 'samples'").fetchall()
+        if kind and kind[0][0] == "BASE TABLE":
+            self.con.execute("ALTER TABLE samples RENAME TO samples_hot")
 
     # ------------------------------------------------------------------ series identity
     def _load_series_cache(self) -> None:
@@ -193,7 +213,7 @@ class Store:
         with self.write_lock:
             self.con.register("_incoming", table)
             try:
-                self.con.execute("INSERT INTO samples SELECT * FROM _incoming")
+                self.con.execute("INSERT INTO samples_hot SELECT * FROM _incoming")
             finally:
                 self.con.unregister("_incoming")
 

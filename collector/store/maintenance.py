@@ -9,8 +9,10 @@ one step of one chunk):
    watermark follows the newest data (so a backfill is rolled up as it goes) but stays at least
    `LATE_MS` behind real time; samples older than the watermark when they arrive (a spool
    replaying hours later) stay in raw storage but are not added to rollups.
-2. compaction. Raw samples in closed hours (older than storage.compact_after_s) are rewritten
-   sorted by (series_id, ts), duplicates of (series_id, ts) collapsed to the last one written.
+2. compaction. Raw samples of closed hours (older than storage.compact_after_s) move from
+   samples_hot (arrival order) to samples_cold sorted by (series_id, ts), duplicates of
+   (series_id, ts) collapsed to the last one written (within what moves together). Samples
+   arriving late for an hour compacted before move with the next hour.
    Sorted, a row group holds long runs of one series with evenly spaced timestamps and similar
    values, which DuckDB's RLE, bit-packing (delta) and ALP compress to a few bits per column.
 3. export (when storage.export_dir is set). Closed UTC days are written as Hive-partitioned
@@ -102,7 +104,7 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
     with store.write_lock:
         start = _get(con, "compact")
         if start is None:
-            first = _min_ts(con, "samples", "ts")
+            first = _min_ts(con, "samples_hot", "ts")
             if first is None:
                 return 0
             start = first // HOUR * HOUR
@@ -112,13 +114,14 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
         with store.write_lock:
             con.execute("BEGIN TRANSACTION")
             try:
+                # samples_cold is append-only and sorted; what moves out of samples_hot leaves
+                # whole row groups empty (hot rows arrive in time order), which a checkpoint frees.
+                # "ts < end", not "ts >= start AND ...": late samples of hours compacted before
+                # move along with this hour, so samples_hot only ever holds open hours.
                 con.execute(
-                    "CREATE TEMP TABLE _chunk AS SELECT series_id, ts, arg_max(value, rowid) AS value "
-                    "FROM samples WHERE ts >= ? AND ts < ? GROUP BY series_id, ts ORDER BY series_id, ts",
-                    [start, end])
-                con.execute("DELETE FROM samples WHERE ts >= ? AND ts < ?", [start, end])
-                con.execute("INSERT INTO samples SELECT * FROM _chunk ORDER BY series_id, ts")
-                con.execute("DROP TABLE _chunk")
+                    "INSERT INTO samples_cold SELECT series_id, ts, arg_max(value, rowid) AS value "
+                    "FROM samples_hot WHERE ts < ? GROUP BY series_id, ts ORDER BY series_id, ts", [end])
+                con.execute("DELETE FROM samples_hot WHERE ts < ?", [end])
                 _set(con, "compact", end)
                 con.execute("COMMIT")
             except Exception:
@@ -197,7 +200,8 @@ def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool) 
         for job in ("rollup_5m",) + (("export",) if exporting else ()):
             mark = _get(con, job)
             limit = min(limit, mark if mark is not None else -(1 << 62))
-        raw = con.execute("DELETE FROM samples WHERE ts < ?", [limit]).fetchall()[0][0]
+        raw = sum(con.execute(f"DELETE FROM {t} WHERE ts < ?", [limit]).fetchall()[0][0]
+                  for t in ("samples_cold", "samples_hot"))
         old = now_ms - rollup_ms
         r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old]).fetchall()[0][0]
         r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [old]).fetchall()[0][0]

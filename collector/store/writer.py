@@ -279,7 +279,7 @@ class Writer:
             if live:
                 samples = live[0].samples if len(live) == 1 else pa.concat_tables([j.samples for j in live])
                 con.register("_incoming", samples)
-                con.execute("INSERT INTO samples SELECT series_id, ts, value FROM _incoming")
+                con.execute("INSERT INTO samples_hot SELECT series_id, ts, value FROM _incoming")
                 con.unregister("_incoming")
             con.execute("COMMIT")
         except _Duplicate:

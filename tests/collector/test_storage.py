@@ -71,11 +71,18 @@ def test_compaction_keeps_every_sample_sorts_and_dedups(tmp_path):
     for (chip, t), v in first.items():
         assert stored[(chip, t)] == v + 1000
     # rows are physically sorted by (series_id, ts) within each compacted hour
-    order = cur.execute("SELECT series_id, ts FROM samples WHERE ts >= ? AND ts < ? ORDER BY rowid",
+    order = cur.execute("SELECT series_id, ts FROM samples_cold WHERE ts >= ? AND ts < ? ORDER BY rowid",
                         [T0 + H, T0 + 2 * H]).fetchnumpy()
     key = order["series_id"].astype(np.int64) * (1 << 42) + (order["ts"] - T0)
     assert np.all(np.diff(key) > 0)
     assert maintenance.compact(ctx.store, T0 + 4 * H, compact_after_ms=H) == 0   # idempotent
+    assert cur.execute("SELECT count(*) FROM samples_hot").fetchall()[0][0] == 0
+    # a late sample for an hour compacted before moves out of samples_hot with the next hour
+    ctx.writer.write([("hw_power_watts", {"chip": "0", "rack": "r1"}, T0 + 5, 42.0)])
+    fill(ctx.writer, T0 + 3 * H, T0 + 4 * H, series=20)
+    assert maintenance.compact(ctx.store, T0 + 5 * H, compact_after_ms=H) == 1
+    assert cur.execute("SELECT count(*) FROM samples_hot").fetchall()[0][0] == 0
+    assert cur.execute("SELECT value FROM samples WHERE ts = ?", [T0 + 5]).fetchall() == [(42.0,)]
 
 
 def test_compressed_layout(tmp_path):
@@ -83,7 +90,7 @@ def test_compressed_layout(tmp_path):
     fill(ctx.writer, T0, T0 + 6 * H, series=50)
     maintenance.compact(ctx.store, T0 + 7 * H, compact_after_ms=H)
     info = ctx.store.cursor().execute(
-        "SELECT DISTINCT column_name, compression FROM pragma_storage_info('samples') WHERE segment_type <> 'VALIDITY'"
+        "SELECT DISTINCT column_name, compression FROM pragma_storage_info('samples_cold') WHERE segment_type <> 'VALIDITY'"
     ).fetchall()
     kinds = {c: set() for c, _ in info}
     for c, comp in info:
