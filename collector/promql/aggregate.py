@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .values import NAME, PromQLError, Scalar, String, Vector, label_key
-from .windows import _kahan_sum, _quantiles, _welford
+from .values import NAME, PromQLError, Scalar, String, Vector, format_value, label_key
+from .windows import kahan_sum, quantiles, welford
 from .xxhash import xxh64
 
 
@@ -21,11 +21,6 @@ def _group_labels(mod, labels: dict[str, str]) -> dict[str, str]:
         drop = set(names) | {NAME}
         return {k: v for k, v in labels.items() if k not in drop}
     return {k: labels[k] for k in names if labels.get(k)}
-
-
-def _format_count_value(v: float) -> str:
-    from .engine import format_value
-    return format_value(v)
 
 
 def aggregate(ev, node, times):
@@ -53,9 +48,8 @@ def aggregate(ev, node, times):
     if op == "quantile":
         q = param.values
         if np.isnan(q).any() or (q < 0).any() or (q > 1).any():
-            from .functions import _fmt_num
             bad = q[np.isnan(q) | (q < 0) | (q > 1)][0]
-            ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad)}")
+            ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {format_value(float(bad))}")
 
     out_labels, out_vals, out_pres = [], [], []
     for k, rows in groups.items():
@@ -65,9 +59,9 @@ def aggregate(ev, node, times):
         present = n > 0
         with np.errstate(all="ignore"):
             if op == "sum":
-                val = _kahan_sum(V.T, P.T)
+                val = kahan_sum(V.T, P.T)
             elif op == "avg":
-                s = _kahan_sum(V.T, P.T)
+                s = kahan_sum(V.T, P.T)
                 val = s / n
                 over = np.isinf(s) & ~np.isinf(np.where(P, V, 0)).any(axis=0)
                 if over.any():
@@ -82,10 +76,10 @@ def aggregate(ev, node, times):
                 allnan = ~(P & ~np.isnan(V)).any(axis=0)
                 val = np.where(allnan, np.nan, val)
             elif op in ("stddev", "stdvar"):
-                var = _welford(V.T, P.T)[1]
+                var = welford(V.T, P.T)[1]
                 val = np.sqrt(var) if op == "stddev" else var
             elif op == "quantile":
-                val = _quantiles(V.T, P.T, n, param.values)
+                val = quantiles(V.T, P.T, n, param.values)
             else:
                 raise PromQLError(f"unsupported aggregation {op!r}")
         out_labels.append(glabels[k])
@@ -165,7 +159,7 @@ def _count_values(vec: Vector, groups, glabels, param, T) -> Vector:
         for t in range(T):
             for v in V[P[:, t], t]:
                 lb = dict(glabels[k])
-                lb[label] = _format_count_value(float(v))
+                lb[label] = format_value(float(v))
                 key = label_key(lb)
                 if key not in series:
                     series[key] = len(labels_out)

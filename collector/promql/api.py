@@ -31,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from agent.catalog import catalog, prometheus_unit
 from collector.store.core import Matcher
 
-from .engine import Engine, Limits, Result, format_value, parse
-from .values import NAME, PromQLError
+from .engine import Engine, Evaluation, Limits, Result, parse
+from .values import NAME, PromQLError, format_value
 
 # Grafana reads this to decide which Prometheus features to use; 2.53 is a widely deployed LTS.
 BUILD_INFO = {"version": "2.53.0", "revision": "shopfloor", "branch": "main", "buildUser": "shopfloor",
@@ -223,7 +223,6 @@ class QueryAPI:
             ast, _ = parse(sel)
             if type(ast).__name__ != "VectorSelector":
                 raise PromQLError(f'invalid parameter "match[]": {sel!r} is not a series selector', "bad_data")
-            from .engine import Evaluation
             ev = Evaluation(self.engine, 0, 0, 0, {})
             groups.extend(ev.matchers(ast))
         if not groups:

@@ -11,7 +11,6 @@ Entry points: Engine(store, limits).instant(query, time_s) and .range(query, sta
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -24,8 +23,10 @@ import promql_parser as pp
 
 from collector.store.core import Matcher
 
-from . import functions, windows
-from .values import NAME, PromQLError, RangeVector, Scalar, String, Vector, label_key
+from . import functions
+from .aggregate import aggregate
+from .values import (NAME, PromQLError, RangeVector, Scalar, String, Vector, drop_name, label_key,
+                     merge_same_labels, format_value)
 
 DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
@@ -155,44 +156,6 @@ def arith(op: str, a, b):
         if op == "<=":
             return a <= b
     raise PromQLError(f"unknown binary operator {op!r}")
-
-
-def merge_same_labels(vec: Vector) -> Vector:
-    """Combine rows with identical label sets; Prometheus errors if they overlap in a step."""
-    keys = [label_key(lb) for lb in vec.labels]
-    if len(set(keys)) == len(keys):
-        return vec
-    groups: dict[tuple, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    labels, vals, pres, sts = [], [], [], []
-    for rows in groups.values():
-        if len(rows) == 1:
-            r = rows[0]
-            labels.append(vec.labels[r])
-            vals.append(vec.values[r])
-            pres.append(vec.present[r])
-            if vec.sample_ts is not None:
-                sts.append(vec.sample_ts[r])
-            continue
-        p = vec.present[rows]
-        if (p.sum(axis=0) > 1).any():
-            raise PromQLError("vector cannot contain metrics with the same labelset")
-        pick = p.argmax(axis=0)
-        cols = np.arange(p.shape[1])
-        labels.append(vec.labels[rows[0]])
-        vals.append(vec.values[rows][pick, cols])
-        pres.append(p.any(axis=0))
-        if vec.sample_ts is not None:
-            sts.append(vec.sample_ts[rows][pick, cols])
-    T = vec.values.shape[1]
-    return Vector(labels, np.array(vals).reshape(len(labels), T), np.array(pres).reshape(len(labels), T),
-                  np.array(sts).reshape(len(labels), T) if vec.sample_ts is not None else None)
-
-
-def drop_name(vec: Vector) -> Vector:
-    labels = [{k: v for k, v in lb.items() if k != NAME} for lb in vec.labels]
-    return merge_same_labels(Vector(labels, vec.values, vec.present))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -429,7 +392,6 @@ class Evaluation:
         return functions.call(self, node, times)
 
     def eval_AggregateExpr(self, node, times):
-        from .aggregate import aggregate
         return aggregate(self, node, times)
 
     # ---------------------------------------------------------------- binary operators
@@ -662,15 +624,3 @@ def _top_function(ast) -> str | None:
     if isinstance(ast, pp.Call):
         return ast.func.name
     return None
-
-
-def format_value(v: float) -> str:
-    """A sample value as Prometheus' JSON writes it (strconv 'f', -1 / NaN / +Inf / -Inf)."""
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    r = repr(float(v))
-    if "e" in r or "E" in r:
-        return np.format_float_positional(v, trim="-")
-    return r[:-2] if r.endswith(".0") else r

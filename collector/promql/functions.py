@@ -8,7 +8,9 @@ import numpy as np
 import promql_parser as pp
 
 from . import windows
-from .values import NAME, PromQLError, RangeVector, Scalar, String, Vector, label_key
+from .histograms import histogram_fraction, histogram_quantile
+from .values import (NAME, PromQLError, RangeVector, Scalar, Vector, drop_name, format_value, label_key,
+                     merge_same_labels)
 
 
 
@@ -213,7 +215,7 @@ def call(ev, node, times):
             q = params[0]
             if np.isnan(q).any() or (q < 0).any() or (q > 1).any():
                 bad = q[np.isnan(q) | (q < 0) | (q > 1)][0]
-                ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad)}")
+                ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {format_value(float(bad))}")
         fn, min_samples, _ = windows.SIMPLE.get(name, (None, 1, 0))
         if name in ("rate", "increase", "irate"):
             for lb in rv.labels:
@@ -233,7 +235,6 @@ def call(ev, node, times):
         vec = Vector(rv.labels, values, present).drop_empty()
         if name in windows.KEEP_NAME:
             return vec
-        from .engine import drop_name
         return drop_name(vec)
 
     if name in ("absent_over_time", "absent"):
@@ -277,7 +278,6 @@ def call(ev, node, times):
     if name in DATE:
         if args:
             vec = ev.eval(args[0], times)
-            from .engine import drop_name
             return drop_name(Vector(vec.labels, _date_part(name, vec.values), vec.present))
         return Vector([{}], _date_part(name, times / 1000.0)[None, :], np.ones((1, T), dtype=bool))
 
@@ -291,14 +291,12 @@ def call(ev, node, times):
             vals = vec.sample_ts / 1000.0
         else:
             vals = np.broadcast_to(times / 1000.0, vec.values.shape).copy()
-        from .engine import drop_name
         return drop_name(Vector(vec.labels, vals, vec.present))
 
     if name in MATH:
         vec = ev.eval(args[0], times)
         with np.errstate(all="ignore"):
             vals = MATH[name](vec.values)
-        from .engine import drop_name
         return drop_name(Vector(vec.labels, vals, vec.present))
 
     if name == "round":
@@ -307,7 +305,6 @@ def call(ev, node, times):
         with np.errstate(all="ignore"):
             inv = 1.0 / to
             vals = np.floor(vec.values * inv + 0.5) / inv
-        from .engine import drop_name
         return drop_name(Vector(vec.labels, vals, vec.present))
 
     if name in ("clamp", "clamp_min", "clamp_max"):
@@ -320,7 +317,6 @@ def call(ev, node, times):
             lo, hi = np.full(T, -np.inf), _scalar_arg(ev, args[1], times)
         vals = np.maximum(lo, np.minimum(hi, vec.values))
         present = vec.present & ~(hi < lo)[None, :] if name == "clamp" else vec.present
-        from .engine import drop_name
         return drop_name(Vector(vec.labels, vals, present).drop_empty())
 
     if name == "label_replace":
@@ -342,7 +338,6 @@ def call(ev, node, times):
             else:
                 new.pop(dst, None)
             labels.append(new)
-        from .engine import merge_same_labels
         return merge_same_labels(Vector(labels, vec.values, vec.present, vec.sample_ts))
 
     if name == "label_join":
@@ -363,7 +358,6 @@ def call(ev, node, times):
             else:
                 new.pop(dst, None)
             labels.append(new)
-        from .engine import merge_same_labels
         return merge_same_labels(Vector(labels, vec.values, vec.present, vec.sample_ts))
 
     if name in ("sort", "sort_desc"):
@@ -384,21 +378,18 @@ def call(ev, node, times):
         return vec.take(order) if len(vec) else vec
 
     if name == "histogram_quantile":
-        from .histograms import histogram_quantile
         q = _scalar_arg(ev, args[0], times)
         return histogram_quantile(ev, q, ev.eval(args[1], times))
 
     if name == "histogram_quantiles":
-        from .histograms import histogram_quantile
         vec = ev.eval(args[0], times)
         label = ev.eval(args[1], times).value
         parts = []
         for a in args[2:]:
             q = _scalar_arg(ev, a, times)
             res = histogram_quantile(ev, q, vec)
-            qs = repr(float(q[0])) if np.isfinite(q[0]) else _fmt_num(q[0])
+            qs = repr(float(q[0])) if np.isfinite(q[0]) else format_value(float(q[0]))
             parts.append(Vector([{**lb, label: qs} for lb in res.labels], res.values, res.present))
-        from .engine import merge_same_labels
         if not parts:
             return Vector.empty(T)
         return merge_same_labels(Vector([lb for v in parts for lb in v.labels],
@@ -406,7 +397,6 @@ def call(ev, node, times):
                                         np.concatenate([v.present for v in parts])))
 
     if name == "histogram_fraction":
-        from .histograms import histogram_fraction
         lower = _scalar_arg(ev, args[0], times)
         upper = _scalar_arg(ev, args[1], times)
         return histogram_fraction(ev, lower, upper, ev.eval(args[2], times))
@@ -419,10 +409,3 @@ def call(ev, node, times):
 
     raise PromQLError(f"function {name!r} is not supported")
 
-
-def _fmt_num(v: float) -> str:
-    from .engine import format_value
-    return format_value(float(v))
-
-
-__all__ = ["call", "String"]

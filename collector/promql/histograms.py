@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .values import NAME, Vector, label_key
+from .values import NAME, Vector, format_value, label_key
 
 SMALL_DELTA = 1e-12
 
@@ -167,9 +167,8 @@ def histogram_quantile(ev, q: np.ndarray, vec: Vector) -> Vector:
         vals.append(out)
         pres.append(ok)
     if ((q < 0) | (q > 1) | np.isnan(q)).any():
-        from .functions import _fmt_num
         bad_q = q[(q < 0) | (q > 1) | np.isnan(q)][0]
-        ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {_fmt_num(bad_q)}")
+        ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {format_value(float(bad_q))}")
     if not labels:
         return Vector.empty(T)
     return Vector(labels, np.array(vals), np.array(pres)).drop_empty()

@@ -8,6 +8,7 @@ query is the same thing with T == 1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,3 +102,53 @@ class RangeVector:
                 hi[i] = a + np.searchsorted(seg, self.ends, side="right")
             self.bounds = (lo, hi)
         return self.bounds
+
+
+def merge_same_labels(vec: Vector) -> Vector:
+    """Combine rows with identical label sets; Prometheus errors if they overlap in a step."""
+    keys = [label_key(lb) for lb in vec.labels]
+    if len(set(keys)) == len(keys):
+        return vec
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    labels, vals, pres, sts = [], [], [], []
+    for rows in groups.values():
+        if len(rows) == 1:
+            r = rows[0]
+            labels.append(vec.labels[r])
+            vals.append(vec.values[r])
+            pres.append(vec.present[r])
+            if vec.sample_ts is not None:
+                sts.append(vec.sample_ts[r])
+            continue
+        p = vec.present[rows]
+        if (p.sum(axis=0) > 1).any():
+            raise PromQLError("vector cannot contain metrics with the same labelset")
+        pick = p.argmax(axis=0)
+        cols = np.arange(p.shape[1])
+        labels.append(vec.labels[rows[0]])
+        vals.append(vec.values[rows][pick, cols])
+        pres.append(p.any(axis=0))
+        if vec.sample_ts is not None:
+            sts.append(vec.sample_ts[rows][pick, cols])
+    T = vec.values.shape[1]
+    return Vector(labels, np.array(vals).reshape(len(labels), T), np.array(pres).reshape(len(labels), T),
+                  np.array(sts).reshape(len(labels), T) if vec.sample_ts is not None else None)
+
+
+def drop_name(vec: Vector) -> Vector:
+    labels = [{k: v for k, v in lb.items() if k != NAME} for lb in vec.labels]
+    return merge_same_labels(Vector(labels, vec.values, vec.present))
+
+
+def format_value(v: float) -> str:
+    """A sample value as Prometheus' JSON writes it (strconv 'f', -1 / NaN / +Inf / -Inf)."""
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    r = repr(float(v))
+    if "e" in r or "E" in r:
+        return np.format_float_positional(v, trim="-")
+    return r[:-2] if r.endswith(".0") else r

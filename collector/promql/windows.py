@@ -64,7 +64,7 @@ def _first_last(X, TS, M, c):
     return X[:, 0], X[rows, last], TS[:, 0], TS[rows, last], rows, last
 
 
-def _kahan_sum(X, M):
+def kahan_sum(X, M):
     """Kahan-Babuska summation along axis 1 (Prometheus sums with it since 3.0)."""
     Z = np.where(M, X, 0.0)
     s = np.zeros(len(Z))
@@ -84,11 +84,11 @@ def _kahan_sum(X, M):
 
 
 def sum_over_time(X, TS, M, c, p, e):
-    return _kahan_sum(X, M)
+    return kahan_sum(X, M)
 
 
 def avg_over_time(X, TS, M, c, p, e):
-    s = _kahan_sum(X, M)
+    s = kahan_sum(X, M)
     res = s / c
     # On overflow to +-Inf Prometheus switches to an incremental mean; emulate via scaled sum.
     over = np.isinf(s) & ~np.isinf(np.where(M, X, 0)).any(axis=1)
@@ -112,7 +112,7 @@ def max_over_time(X, TS, M, c, p, e):
     return _masked_extreme(X, M, -np.inf, np.fmax)
 
 
-def _welford(X, M):
+def welford(X, M):
     """Mean and variance along axis 1 the way Prometheus accumulates them (Welford's update,
     Kahan-compensated), so constant inputs give exactly 0 and large offsets stay accurate."""
     rows = X.shape[0]
@@ -145,14 +145,14 @@ def _kahan_inc(inc, total, comp):
 
 
 def stdvar_over_time(X, TS, M, c, p, e):
-    return _welford(X, M)[1]
+    return welford(X, M)[1]
 
 
 def stddev_over_time(X, TS, M, c, p, e):
     return np.sqrt(stdvar_over_time(X, TS, M, c, p, e))
 
 
-def _quantiles(X, M, c, q):
+def quantiles(X, M, c, q):
     """Prometheus' quantile: linear interpolation between ranks q*(n-1) of the sorted values."""
     Z = np.sort(np.where(M, X, np.inf), axis=1)
     # Go's sort.Float64s puts NaN first; numpy puts it last: rotate NaNs to the front.
@@ -178,13 +178,13 @@ def _quantiles(X, M, c, q):
 
 
 def quantile_over_time(X, TS, M, c, p, e):
-    return _quantiles(X, M, c, p[0])
+    return quantiles(X, M, c, p[0])
 
 
 def mad_over_time(X, TS, M, c, p, e):
-    med = _quantiles(X, M, c, np.full(len(c), 0.5))
+    med = quantiles(X, M, c, np.full(len(c), 0.5))
     dev = np.abs(X - med[:, None])
-    res = _quantiles(dev, M, c, np.full(len(c), 0.5))
+    res = quantiles(dev, M, c, np.full(len(c), 0.5))
     return np.where((np.isnan(X) & M).any(axis=1), np.nan, res)
 
 
