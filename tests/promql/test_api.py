@@ -103,3 +103,11 @@ def test_timeout_answers_503(client):
                                                    "end": "600", "step": "15", "timeout": "0.000001"})
     assert r.status_code == 503 and r.json() == {"status": "error", "errorType": "timeout",
                                                  "error": "query timed out in expression evaluation"}
+
+
+def test_query_endpoints_need_the_token_when_configured():
+    app = create_app(from_dict({"db": ":memory:", "auth": {"token": "s3cret"}}))
+    with TestClient(app) as c:
+        for path in ("/api/v1/query?query=1", "/api/v1/labels", "/api/v1/status/buildinfo"):
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
