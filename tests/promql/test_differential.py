@@ -53,6 +53,23 @@ QUERIES = [
     f"sort_desc(sum by (rack) ({fleet.POWER}))",
     f"{fleet.UTIL} unless on(uuid) {fleet.TEMP} > 75",
     f"count_values by (cluster) (\"model\", {fleet.UTIL} * 0 + 1)",
+    f"quantile_over_time(0.95, {fleet.TEMP}[10m])",
+    f"stddev_over_time({fleet.POWER}[10m])",
+    f"last_over_time({fleet.UTIL}[2m])",
+    f"count_over_time({fleet.UTIL}[5m])",
+    f"delta({fleet.TEMP}[10m])",
+    f"idelta({fleet.TEMP}[5m])",
+    f"clamp({fleet.UTIL} * 1.2, 0, 1)",
+    f"timestamp({fleet.UTIL}{{node=\"n0001\"}})",
+    f"avg by (cluster) ({fleet.UTIL}) / on() group_left() avg({fleet.UTIL})",
+    f"topk by (cluster) (3, {fleet.POWER})",
+    f"{fleet.UTIL}{{chip=\"0\"}} @ end()",
+    f"sum_over_time({fleet.UTIL}[3m]) / count_over_time({fleet.UTIL}[3m])",
+    f"absent_over_time({fleet.UTIL}{{uuid=\"chip-00005\"}}[5m])",
+    f"max by (rack) (max_over_time({fleet.TEMP}[30m:2m]))",
+    f"rate({fleet.ENERGY}[5m] offset 5m) - rate({fleet.ENERGY}[5m])",
+    f"{fleet.POWER} > bool 600",
+    f"ln({fleet.POWER}) + sqrt({fleet.TEMP}) - abs(-{fleet.UTIL})",
 ]
 
 
