@@ -113,6 +113,27 @@ class AuthMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class BodyLimitMiddleware:
+    """413 for any request whose declared body exceeds the limit, before a handler reads it.
+    (The ingest endpoints also count the bytes they actually read and the decompressed size.)"""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                body = f"request body larger than {self.limit} bytes\n".encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"text/plain"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def make_context(config: Config) -> AppContext:
     store = Store(config.db, sandbox=True)
     writer = Writer(store, max_series_per_metric=config.ingest.max_series_per_metric,
@@ -166,6 +187,7 @@ def create_app(config: Config, ctx: AppContext | None = None) -> FastAPI:
     from collector.store import maintenance   # rollups, compaction, retention, export
     maintenance.schedule(ctx)
 
-    if config.token:
+    app.add_middleware(BodyLimitMiddleware, limit=config.ingest.max_body_bytes)
+    if config.token:   # added last = runs first: no body is looked at before the token is checked
         app.add_middleware(AuthMiddleware, token=config.token)
     return app

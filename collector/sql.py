@@ -30,6 +30,8 @@ import duckdb
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from collector.receive.common import IngestError, read_body
+
 MAX_QUERY_BYTES = 100_000
 
 
@@ -151,9 +153,10 @@ def make_router(ctx) -> APIRouter:
     @router.post("/api/v1/sql")
     async def sql(request: Request) -> Response:
         try:
-            raw = await request.body()
-            if len(raw) > MAX_QUERY_BYTES + 1000:
-                raise SqlError("bad_data", "request body too large", 413)
+            try:
+                raw = await read_body(request, MAX_QUERY_BYTES + 1000)
+            except IngestError as exc:
+                raise SqlError("bad_data", exc.message, exc.status) from None
             try:
                 doc = json.loads(raw)
             except (ValueError, UnicodeDecodeError):

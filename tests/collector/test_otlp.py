@@ -152,6 +152,9 @@ def test_size_limits_and_gzip_bomb(tmp_path):
         r = httpx.post(c.url + "/v1/metrics", content=gzip.compress(ok), headers={**PB, "Content-Encoding": "gzip"})
         assert r.status_code == 200
         assert c.sql("SELECT count(*) FROM metrics")[0][0] == 16
+        # every endpoint, not only ingest, refuses a body over the limit before reading it
+        for path in ("/api/v1/sql", "/api/v1/query", "/api/v1/write"):
+            assert httpx.post(c.url + path, content=b"x" * 20_001).status_code == 413
 
 
 def test_bearer_token(tmp_path):
