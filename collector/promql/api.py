@@ -194,7 +194,7 @@ class QueryAPI:
     def query(self, params) -> Response:
         q = _one(params, "query")
         t = parse_time(_first(params, "time"), "time", time.time())
-        res = self.engine_for(params).instant(q, t)
+        res = _truncate(self.engine_for(params).instant(q, t), _limit(params))
         return success(None, res.warnings, res.infos, data_json=result_json(res))
 
     def query_range(self, params) -> Response:
@@ -207,7 +207,7 @@ class QueryAPI:
         if step_s <= 0:
             raise PromQLError('invalid parameter "step": zero or negative query resolution step widths are '
                               'not accepted. Try a positive integer', "bad_data")
-        res = self.engine_for(params).range(q, start, end, step_s)
+        res = _truncate(self.engine_for(params).range(q, start, end, step_s), _limit(params))
         return success(None, res.warnings, res.infos, data_json=result_json(res))
 
     # ------------------------------------------------------------------ metadata endpoints
@@ -270,6 +270,14 @@ def metadata_json(metric: str | None = None, limit: int | None = None) -> dict:
         if limit and len(out) >= limit:
             break
     return out
+
+
+def _truncate(res: Result, limit: int | None) -> Result:
+    """Prometheus 3's `limit` query parameter: at most that many series, with a warning."""
+    if limit and res.type in ("vector", "matrix") and len(res.value) > limit:
+        res.value = res.value[:limit]
+        res.warnings.append("results truncated due to limit")
+    return res
 
 
 def _first(params, name: str) -> str | None:

@@ -111,3 +111,10 @@ def test_query_endpoints_need_the_token_when_configured():
         for path in ("/api/v1/query?query=1", "/api/v1/labels", "/api/v1/status/buildinfo"):
             assert c.get(path).status_code == 401
             assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_limit_truncates_series_with_a_warning(client):
+    body = client.get("/api/v1/query", params={"query": UTIL, "time": "300", "limit": "1"}).json()
+    assert len(body["data"]["result"]) == 1 and body["warnings"] == ["results truncated due to limit"]
+    body = client.get("/api/v1/query", params={"query": UTIL, "time": "300", "limit": "5"}).json()
+    assert len(body["data"]["result"]) == 2 and "warnings" not in body
