@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from agent.catalog import catalog, prometheus_unit
 from collector.store.core import Matcher
 
-from .engine import Engine, Evaluation, Limits, Result, parse
+from .engine import Engine, Limits, Result, parse, selector_matchers
 from .values import NAME, PromQLError, format_value
 
 # Grafana reads this to decide which Prometheus features to use; 2.53 is a widely deployed LTS.
@@ -223,8 +223,7 @@ class QueryAPI:
             ast, _ = parse(sel)
             if type(ast).__name__ != "VectorSelector":
                 raise PromQLError(f'invalid parameter "match[]": {sel!r} is not a series selector', "bad_data")
-            ev = Evaluation(self.engine, 0, 0, 0, {})
-            groups.extend(ev.matchers(ast))
+            groups.extend(selector_matchers(ast))
         if not groups:
             groups = [[]]
         found: dict[int, dict[str, str]] = {}

@@ -158,6 +158,21 @@ def arith(op: str, a, b):
     raise PromQLError(f"unknown binary operator {op!r}")
 
 
+def selector_matchers(vs) -> list[list[Matcher]]:
+    """Store matchers of a vector selector: one list per `or` alternative (usually one)."""
+    ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
+    groups = []
+    base = [Matcher(NAME, "=", vs.name)] if vs.name else []
+    ms = vs.matchers
+    alternatives = ms.or_matchers if ms.or_matchers else [ms.matchers]
+    for alt in alternatives:
+        group = list(base)
+        for m in alt:
+            group.append(Matcher(m.name, ops[str(m.op).rsplit(".", 1)[-1]], m.value))
+        groups.append(group)
+    return groups
+
+
 # --------------------------------------------------------------------------- evaluation
 
 class Evaluation:
@@ -241,22 +256,9 @@ class Evaluation:
             times = np.full(len(times), base, dtype=np.int64)
         return times - _duration_ms(offset)
 
-    def matchers(self, vs) -> list[list[Matcher]]:
-        ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
-        groups = []
-        base = [Matcher(NAME, "=", vs.name)] if vs.name else []
-        ms = vs.matchers
-        alternatives = ms.or_matchers if ms.or_matchers else [ms.matchers]
-        for alt in alternatives:
-            group = list(base)
-            for m in alt:
-                group.append(Matcher(m.name, ops[str(m.op).rsplit(".", 1)[-1]], m.value))
-            groups.append(group)
-        return groups
-
     def select(self, vs) -> list[tuple[int, dict[str, str]]]:
         """Series of a selector, sorted by label set as Prometheus' storage returns them."""
-        groups = self.matchers(vs)
+        groups = selector_matchers(vs)
         key = tuple(tuple(g) for g in groups)
         # Series rows are never deleted and new ones only add to the count, so a cached selection
         # is valid while the store's series count is unchanged (dashboards re-ask the same ones).
