@@ -1,12 +1,13 @@
 """`shopfloor simulate`: run a simulated fleet, pushing OTLP to a collector or writing a trace.
 
-  shopfloor simulate --nodes 64 --endpoint http://127.0.0.1:4318/v1/metrics --realtime
+  shopfloor simulate --nodes 64 --endpoint http://127.0.0.1:9600/v1/metrics --realtime
   shopfloor simulate --nodes 125 --chips 8 --duration 60d --out trace/ --seed 7
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -78,13 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", choices=("health", "all"), default=None,
                    help="metric set (default: all when pushing, health for --out; see docs/simulator.md)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--endpoint", help="OTLP/HTTP metrics URL, e.g. http://127.0.0.1:4318/v1/metrics")
+    where.add_argument("--endpoint", help="OTLP/HTTP metrics URL, e.g. http://127.0.0.1:9600/v1/metrics")
     where.add_argument("--out", help="write a trace directory (docs/trace-format.md) instead of pushing")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument("--realtime", action="store_true", default=None, help="pace steps to the wall clock")
     pace.add_argument("--fast", dest="realtime", action="store_false",
                       help="as fast as possible (default when --start is in the past)")
-    p.add_argument("--token", help="bearer token for the collector (Authorization header)")
+    p.add_argument("--token", default=os.environ.get("SHOPFLOOR_TOKEN"),
+                   help="bearer token for the collector (default: $SHOPFLOOR_TOKEN; keeps it out of `ps`)")
     p.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout per request in seconds")
     return p
 
