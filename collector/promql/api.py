@@ -17,6 +17,7 @@ max_points_per_series, lookback_delta_s, plus max_request_bytes for the query/bo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -35,6 +36,8 @@ from .engine import Engine, Limits, Result, parse, selector_matchers
 from .values import NAME, PromQLError, format_value
 
 # Grafana reads this to decide which Prometheus features to use; 2.53 is a widely deployed LTS.
+log = logging.getLogger(__name__)
+
 BUILD_INFO = {"version": "2.53.0", "revision": "shopfloor", "branch": "main", "buildUser": "shopfloor",
               "buildDate": "20240618-00:00:00", "goVersion": "n/a"}
 STATUS = {"bad_data": 400, "execution": 422, "timeout": 503, "internal": 500, "not_found": 404}
@@ -317,6 +320,9 @@ def make_router(ctx) -> APIRouter:
             return error("bad_data", str(exc))
         except MemoryError:
             return error("execution", "query needs more memory than is available")
+        except Exception as exc:  # noqa: BLE001 - an engine bug must still answer in the envelope
+            log.exception("query failed: %s", request.url)
+            return error("internal", f"{type(exc).__name__}: {exc}")
 
     @router.api_route("/api/v1/query", methods=["GET", "POST"])
     async def query(request: Request):
