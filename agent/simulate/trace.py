@@ -103,7 +103,7 @@ def _write(table: pa.Table, path: Path) -> None:
 
 
 def write_trace(out: str | Path, sc: Scenario, step_s: int, metric_set: str = "health",
-                block_hours: float = 6.0, progress=None) -> dict:
+                block_hours: float = 3.0, progress=None) -> dict:
     """Write the whole trace; returns meta (also written to meta.json). progress(day, days)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
