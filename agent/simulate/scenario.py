@@ -227,7 +227,7 @@ def build_scenario(seed: int, start_ms: int, duration_s: int, nodes: int, chips:
         pre = None
         if r_fail.random() < mode.precursor_share:
             lead = int(_lead_times_ms(r_fail, mode, 1)[0])
-            pre = max(ts - lead, inc_from[inc] if inc_from[inc] > -FAR_FUTURE else ts - lead)
+            pre = max(ts - lead, inc_from[inc])   # not before this chip was installed
         failures.append(Failure(ts, mname, int(fleet.slot_node[slot]), slot, inc, -1, pre, repair,
                                 int(r_fail.integers(0, 1 << 30))))
         down_until[slot] = repair
