@@ -340,6 +340,12 @@ class Runner:
         if self.histogram_metrics and any(re.search(rf"\b{re.escape(mname)}\b", case.query)
                                           for mname in self.histogram_metrics if mname):
             case.reads_histograms = True
+        for pattern in re.findall(r'__name__\s*=~\s*"((?:[^"\\]|\\.)*)"', case.query):
+            try:
+                if any(re.fullmatch(pattern, mname) for mname in self.histogram_metrics):
+                    case.reads_histograms = True
+            except re.error:
+                pass
         if re.search(r"\bhistogram_(count|sum|avg|stddev|stdvar)\b|\binfo\(", case.query):
             case.native = True
         return case
