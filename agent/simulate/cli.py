@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
         print(f"simulating {args.nodes} nodes ({chips} chips) for {duration}s at {step}s steps -> {args.endpoint}"
               f" ({'real time' if realtime else 'as fast as possible'})", file=sys.stderr)
+        t0 = time.monotonic()
         try:
             stats = push(sc, step, args.endpoint, metric_set, realtime, headers, args.timeout)
         except KeyboardInterrupt:
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionError, RuntimeError) as exc:
             print(f"shopfloor simulate: {exc}", file=sys.stderr)
             return 1
-        print(f"sent {stats.points} points in {stats.requests} requests over {stats.steps} steps", file=sys.stderr)
+        print(f"sent {stats.points} points in {stats.requests} requests over {stats.steps} steps "
+              f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
         return 0
 
     from agent.simulate.trace import write_trace
