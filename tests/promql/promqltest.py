@@ -492,6 +492,16 @@ def summarize(results: dict[str, list[Outcome]]) -> dict[str, dict[str, int]]:
 
 BASELINE = Path(__file__).resolve().parent / "conformance_baseline.json"
 
+# Why the remaining float failures fail (checked by hand; the report prints them with the case).
+KNOWN_CAUSES = {
+    "functions.test:523": "the Python binding of promql-parser hands string literals over as str, so "
+                          "\"\\xff\" (an invalid UTF-8 byte in Go) arrives as the valid character U+00FF "
+                          "and the engine cannot tell it is not a valid label name",
+    "range_queries.test:70": "the collector's Writer (the single ingest path) refuses label names "
+                             "starting with \"__\" (reserved in Prometheus); Prometheus' test loads "
+                             "__address__ straight into its TSDB",
+}
+
 
 def conformance_files() -> list[Path]:
     from tests.support import SHARED
@@ -537,7 +547,8 @@ def markdown(results: dict[str, list[Outcome]]) -> str:
         out.append("None.")
     for o in fails:
         reason = o.reason.replace("|", "\\|").replace("\n", " ")[:300]
-        out.append(f"- `{o.case.file}:{o.case.line}` `{o.case.query}` — {reason}")
+        why = KNOWN_CAUSES.get(f"{o.case.file}:{o.case.line}")
+        out.append(f"- `{o.case.file}:{o.case.line}` `{o.case.query}` — {reason}" + (f". Cause: {why}" if why else ""))
     out += ["", "## Native-histogram cases (unsupported)", ""]
     for name, outs in sorted(results.items()):
         lines = [str(o.case.line) for o in outs if o.status == "native"]
