@@ -179,3 +179,34 @@ def test_storms_hit_most_of_a_job_without_any_bad_chip(season):
     assert set(logged["node"].unique()) == set(names)
     first = logged.group_by("node").agg(pl.col("ts").min())["ts"]
     assert first.min() >= ts and first.max() <= ts + P.STORM_SPREAD_MS + 60_000
+
+
+def test_ground_truth_tables_match_the_samples(tmp_path):
+    """failures/storms/jobs have the documented columns, and every failure names a chip (uuid)
+    and node that really report in the samples."""
+    out = tmp_path / "t"
+    assert main(["--nodes", "60", "--duration", "30d", "--step", "6h", "--seed", "2", "--out", str(out)]) == 0
+    failures = pl.read_parquet(out / "failures.parquet")
+    assert failures.schema == pl.Schema({"ts": pl.Int64, "cluster": pl.Utf8, "rack": pl.Utf8, "node": pl.Utf8,
+                                         "chip": pl.Utf8, "uuid": pl.Utf8, "mode": pl.Utf8,
+                                         "precursor_start": pl.Int64, "lemon": pl.Boolean})
+    assert failures.height >= 3 and set(failures["mode"]) <= set(P.FAILURE_MODES)
+    storms = pl.read_parquet(out / "storms.parquet")
+    assert storms.schema == pl.Schema({"ts": pl.Int64, "job": pl.Utf8, "xid": pl.Int64, "nodes": pl.List(pl.Utf8)})
+    samples = pl.read_parquet(out / "samples" / "*.parquet").with_columns(pl.col("labels").cast(pl.Utf8))
+    series = samples.select("labels").unique().with_columns(
+        pl.col("labels").str.json_path_match("$.uuid").alias("uuid"),
+        pl.col("labels").str.json_path_match("$.node").alias("node"),
+        pl.col("labels").str.json_path_match("$.chip").alias("chip"))
+    known_uuids = set(series["uuid"].drop_nulls())
+    known_chips = set(zip(series["node"], series["chip"]))
+    nodes = pl.read_parquet(out / "nodes.parquet")
+    place = {n: (c, r, lemon) for n, c, r, lemon in nodes.select("node", "cluster", "rack", "lemon").iter_rows()}
+    for row in failures.iter_rows(named=True):
+        assert place[row["node"]] == (row["cluster"], row["rack"], row["lemon"])
+        if row["mode"] == "nic":
+            assert row["chip"] == "" and row["uuid"] == ""
+        else:
+            assert row["uuid"] in known_uuids and (row["node"], row["chip"]) in known_chips
+        if row["precursor_start"] is not None:
+            assert row["precursor_start"] < row["ts"]
