@@ -59,42 +59,53 @@ def _max_ts(con, table: str, column: str) -> int | None:
     return None if value is None else int(value)
 
 
-def rollup(store, now_ms: int) -> dict:
-    """Recompute rollup buckets from their watermark up to now."""
+def rollup(store, now_ms: int, dirty: set[int] | frozenset[int] = frozenset()) -> dict:
+    """Recompute the rollup buckets that may have changed: every bucket from the watermark on
+    (recent data), plus the `dirty` 5-minute buckets the writer saw samples for that are older
+    than the watermark (a backfill, or a spool replaying after an outage)."""
     done = {}
     con = store.con
-    for res, source, cols in (
-        ("5m", "samples", "min(value), max(value), sum(value), count(value), arg_max(value, ts)"),
-        ("1h", "rollup_5m_data", "min(min), max(max), sum(sum), sum(count)::INTEGER, arg_max(last, bucket)"),
-    ):
-        step = STEPS[res]
-        ts_col = "ts" if source == "samples" else "bucket"
-        with store.write_lock:
-            start = _get(con, f"rollup_{res}")
-            if start is None:
-                first = _min_ts(con, source, ts_col)
-                if first is None:
-                    continue
-                start = first // step * step
-            where = f"{ts_col} >= ?" + (" AND value IS NOT NULL AND NOT isnan(value)" if source == "samples" else "")
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute(f"DELETE FROM rollup_{res}_data WHERE bucket >= ?", [start])
-                n = con.execute(
-                    f"INSERT INTO rollup_{res}_data SELECT series_id, {ts_col} // {step} * {step} AS b, {cols} "
-                    f"FROM {source} WHERE {where} GROUP BY series_id, b ORDER BY series_id, b",
-                    [start]).fetchall()[0][0]
-                # Next pass starts at the bucket holding the newest data (or LATE_MS ago, if
-                # earlier): a backfill that is still running is rolled up as it progresses.
-                newest = _max_ts(con, source, ts_col)
-                mark = min(now_ms - LATE_MS, newest if newest is not None else now_ms)
-                _set(con, f"rollup_{res}", max(start, mark // step * step))
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
-        done[f"rollup_{res}_rows"] = int(n)
+    step5, step1 = STEPS["5m"], STEPS["1h"]
+    with store.write_lock:
+        start5 = _get(con, "rollup_5m")
+        if start5 is None:
+            first = _min_ts(con, "samples", "ts")
+            if first is None:
+                return done
+            start5 = first // step5 * step5
+        old5 = sorted(b for b in dirty if b < start5)
+        start1 = min(_get(con, "rollup_1h") or start5, start5 // step1 * step1)
+        old1 = sorted({b // step1 * step1 for b in old5 if b < start1})
+        con.execute("BEGIN TRANSACTION")
+        try:
+            n5 = _recompute(con, "rollup_5m_data", "samples", "ts", step5, start5, old5,
+                            "min(value), max(value), sum(value), count(value), arg_max(value, ts)",
+                            " AND value IS NOT NULL AND NOT isnan(value)")
+            n1 = _recompute(con, "rollup_1h_data", "rollup_5m_data", "bucket", step1, start1, old1,
+                            "min(min), max(max), sum(sum), sum(count)::INTEGER, arg_max(last, bucket)", "")
+            # The watermark follows the wall clock (not the newest sample, which live data or
+            # the collector's own metrics would move ahead of a running backfill).
+            _set(con, "rollup_5m", max(start5, (now_ms - LATE_MS) // step5 * step5))
+            _set(con, "rollup_1h", max(start1, (now_ms - LATE_MS) // step1 * step1))
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    done["rollup_5m_rows"], done["rollup_1h_rows"] = n5, n1
     return done
+
+
+def _recompute(con, table: str, source: str, ts_col: str, step: int, start: int, old: list[int],
+               aggregates: str, value_filter: str) -> int:
+    """Rebuild `table` buckets >= start and the listed older buckets from `source`."""
+    where = f"({ts_col} >= ?" + (f" OR {ts_col} // {step} * {step} IN (SELECT unnest(?::BIGINT[]))" if old else "")
+    where += ")" + value_filter
+    params = [start] + ([old] if old else [])
+    con.execute(f"DELETE FROM {table} WHERE bucket >= ?" + (" OR bucket IN (SELECT unnest(?::BIGINT[]))" if old else ""),
+                params)
+    return int(con.execute(
+        f"INSERT INTO {table} SELECT series_id, {ts_col} // {step} * {step} AS b, {aggregates} "
+        f"FROM {source} WHERE {where} GROUP BY series_id, b ORDER BY series_id, b", params).fetchall()[0][0])
 
 
 def compact(store, now_ms: int, compact_after_ms: int) -> int:
@@ -212,7 +223,12 @@ def run_once(ctx, now_ms: int | None = None) -> dict:
     """One maintenance pass; returns what it did (for logs and tests)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     storage = ctx.config.storage
-    done = rollup(ctx.store, now_ms)
+    dirty = ctx.writer.take_dirty()
+    try:
+        done = rollup(ctx.store, now_ms, dirty)
+    except Exception:
+        ctx.writer.mark_dirty(dirty)   # retried by the next pass
+        raise
     done["compacted_hours"] = compact(ctx.store, now_ms, int(storage.compact_after_s * 1000))
     if storage.export_dir:
         done["exported_days"] = export_days(ctx.store, storage.export_dir, now_ms)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from collector.store.core import Store, fingerprint
@@ -48,6 +49,7 @@ MAX_ERRORS = 5            # distinct reasons kept per result (the message stays 
 MAX_LABEL_VALUE = 4096    # bytes; longer values are almost always a bug upstream
 TS_LIMIT = 1 << 62
 INVALID = -1              # resolve(): the label set is invalid (None: over a cardinality limit)
+ROLLUP_BUCKET_MS = 300_000   # the finest rollup (5 m); see maintenance.rollup
 RECENT_KEYS = 200_000     # batch keys remembered in memory (retries caught without a query)
 
 
@@ -107,6 +109,8 @@ class Writer:
         self._id_lock = threading.Lock()
         self._queue: list[_Job] = []
         self._recent: dict[bytes, None] = {}
+        self._dirty: set[int] = set()
+        self._dirty_lock = threading.Lock()
         self._queue_lock = threading.Lock()
 
     # ------------------------------------------------------------------ series resolution
@@ -238,7 +242,19 @@ class Writer:
             res.duplicate += len(sids)
         else:
             res.accepted += len(sids)
+            buckets = np.unique(table.column("ts").to_numpy() // ROLLUP_BUCKET_MS) * ROLLUP_BUCKET_MS
+            self.mark_dirty(buckets.tolist())
         return res
+
+    def mark_dirty(self, buckets) -> None:
+        """Note 5-minute buckets that received samples (the rollup job recomputes old ones)."""
+        with self._dirty_lock:
+            self._dirty.update(buckets)
+
+    def take_dirty(self) -> set[int]:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        return dirty
 
     # ------------------------------------------------------------------ group commit
     def _commit_group(self, jobs: list[_Job]) -> None:
