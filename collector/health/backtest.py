@@ -120,12 +120,13 @@ def score(td: TraceData, model: risk_model.RiskModel | None, hours_from: int | N
 
     # ---- cordons during storms
     storms = td.storms
-    storm_cordons = 0
+    storm_cordons = storm_false = 0
     if storms.height and n_eps:
         s = storms.explode("nodes").rename({"nodes": "node"}).select("ts", "node")
-        starts = pl.concat([ce.select("node", "start_hour"), ne.select("node", "start_hour")])
+        starts = pl.concat([ce.select("node", "start_hour", "ok"), ne.select("node", "start_hour", "ok")])
         j = starts.join(s, on="node").with_columns(e_ms=(pl.col("start_hour") + 1) * HOUR_MS)
-        storm_cordons = j.filter((pl.col("e_ms") >= pl.col("ts")) & (pl.col("e_ms") <= pl.col("ts") + (STORM_GUARD_H + 1) * HOUR_MS)).height
+        during = j.filter((pl.col("e_ms") >= pl.col("ts")) & (pl.col("e_ms") <= pl.col("ts") + (STORM_GUARD_H + 1) * HOUR_MS))
+        storm_cordons, storm_false = during.height, during.filter(~pl.col("ok")).height
 
     def pct(a, q):
         return float(np.percentile(a, q)) if len(a) else None
@@ -148,6 +149,7 @@ def score(td: TraceData, model: risk_model.RiskModel | None, hours_from: int | N
         "precision": n_true / n_eps if n_eps else None,
         "false_cordons_per_10k_chip_days": n_false / chip_days * 1e4 if chip_days else None,
         "storms": storms.height, "fate_sharing_alerts": len(ev.storms), "cordons_during_storms": storm_cordons,
+        "false_cordons_during_storms": storm_false,
         "cordons_by_source": ({str(k): int(v) for k, v in ce.group_by("source").len().iter_rows()} if ce.height else {}),
         "false_by_source": ({str(k): int(v) for k, v in ce.filter(~pl.col("ok")).group_by("source").len().iter_rows()}
                             if ce.height else {}),
@@ -174,7 +176,8 @@ def render(rep: dict) -> str:
         f"precision {f(rep['precision'] and rep['precision'] * 100)}%",
         f"false cordons per 10,000 chip-days: {f(rep['false_cordons_per_10k_chip_days'], '.2f')}",
         f"fate-sharing storms: {rep['storms']} in the trace, {rep['fate_sharing_alerts']} alerts raised, "
-        f"cordons during storms: {rep['cordons_during_storms']}",
+        f"cordons during storms: {rep['cordons_during_storms']} (of them not explained by a real failure: "
+        f"{rep['false_cordons_during_storms']})",
         f"chip cordons by source: {rep['cordons_by_source']}, false ones: {rep['false_by_source']}",
         "by failure mode:",
     ]

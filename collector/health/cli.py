@@ -103,6 +103,7 @@ def from_collector(db_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     f = conf.with_columns(h=pl.col("ts") // HOUR_MS).join(spans, on=["cluster", "node", "chip"], how="left")
     f = f.filter(pl.col("uuid").is_null() | ((pl.col("h") >= pl.col("h0")) & (pl.col("h") <= pl.col("h1") + 24)))
     failures = f.select("ts", "cluster", pl.lit("").alias("rack"), "node", "chip", pl.col("uuid").fill_null(""), "mode",
-                        # an operator-confirmed failure counts as predictable: the model learns what it can
-                        precursor_start=pl.col("ts"), lemon=pl.lit(False))
+                        # the precursor of a confirmed failure is not known: the whole horizon before it
+                        # counts as "showing", the model learns what it can
+                        precursor_start=pl.col("ts") - risk_model.HORIZON_H * HOUR_MS, lemon=pl.lit(False))
     return grid, failures

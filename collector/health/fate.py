@@ -21,6 +21,9 @@ from .verdict import Action, ChipRef, State, Verdict
 
 WINDOW_MS = 5 * 60_000     # events of one storm arrive within a few minutes (the simulator: 60 s)
 MIN_NODES = 3              # fewer nodes than this is not a storm: two chips can fail together
+# An application fault often ends its job: the XIDs land (and are stamped at the next scrape)
+# just after the scheduler's end time. A job still owns its nodes' events this long after it ends.
+JOB_GRACE_MS = 10 * 60_000
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,11 @@ def find_storms(events: pl.DataFrame, jobs: pl.DataFrame | None = None) -> tuple
     ev = events.with_row_index("_i")
     if jobs is not None and not jobs.is_empty():
         j = jobs.select(pl.col("job").cast(pl.String), pl.col("node").cast(pl.String), "start", "end")
-        withjob = ev.join(j, on="node", how="inner").filter((pl.col("ts") >= pl.col("start")) & (pl.col("ts") < pl.col("end")))
-        withjob = withjob.group_by("_i").agg(pl.col("job").first())
+        withjob = ev.join(j, on="node", how="inner").filter(
+            (pl.col("ts") >= pl.col("start")) & (pl.col("ts") < pl.col("end") + JOB_GRACE_MS))
+        # a running job first, else the one that ended last
+        withjob = withjob.sort("_i", pl.col("ts") < pl.col("end"), "end", descending=[False, True, True]) \
+            .group_by("_i", maintain_order=True).agg(pl.col("job").first())
         ev = ev.join(withjob, on="_i", how="left")
     else:
         ev = ev.with_columns(job=pl.lit(None, pl.String))
@@ -74,12 +80,17 @@ def find_storms(events: pl.DataFrame, jobs: pl.DataFrame | None = None) -> tuple
         b = _clusters(ev, key_type)
         agg = b.group_by(key_type, "xid", "burst").agg(
             cluster=pl.col("cluster").first(), start=pl.col("ts").min(), end=pl.col("ts").max(),
-            nodes=pl.col("node").unique().sort(), idx=pl.col("_i"))
+            nodes=pl.col("node").unique().sort(), idx=pl.col("_i"), node_of_idx=pl.col("node"))
         agg = agg.filter(pl.col("nodes").list.len() >= MIN_NODES).sort("start")
         for row in agg.iter_rows(named=True):
             new = set(row["idx"]) - members
             if not new:
                 continue          # already reported as a job storm
+            if key_type == "rack":
+                new_nodes = {n for i, n in zip(row["idx"], row["node_of_idx"]) if i in new}
+                if len(new_nodes) < MIN_NODES:
+                    members |= new   # the stragglers of a job storm on this rack
+                    continue
             members |= set(row["idx"])
             storms.append(Storm(key_type, str(row[key_type]), row["cluster"], int(row["xid"]),
                                 int(row["start"]), int(row["end"]), tuple(row["nodes"])))

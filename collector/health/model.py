@@ -144,19 +144,22 @@ def describe(feature: str, row: dict, median: float | None) -> str:
 
 # ---------------------------------------------------------------------------- labels and training
 def label(grid: pl.DataFrame, failures: pl.DataFrame, horizon_h: int = HORIZON_H) -> pl.DataFrame:
-    """grid + y (1: fails within the horizon with a precursor; 0: no failure within it) + `usable`.
+    """grid + y + `usable`.
 
-    Rows after the chip's failure, and rows within the horizon before a failure without a
-    precursor, are not usable."""
+    y = 1: the chip fails within the horizon and its precursor has begun (the row can show it);
+    y = 0: no failure of the chip within the horizon. Rows within the horizon before a failure
+    whose precursor has not begun (or that has none), and rows after the chip failed, are not
+    usable: they are neither evidence of health nor of trouble."""
     f = failures.filter(pl.col("chip") != "").select(
-        *CHIP_KEY, f_ts=pl.col("ts"), f_pre=pl.col("precursor_start").is_not_null())
+        *CHIP_KEY, f_ts=pl.col("ts"), f_pre=pl.col("precursor_start"))
     g = grid.select(pl.all()).with_row_index("_r")
     j = g.select("_r", *CHIP_KEY, "t_ms").join(f, on=CHIP_KEY, how="inner")
     j = j.with_columns(dt_ms=pl.col("f_ts") - pl.col("t_ms"))
     h_ms = horizon_h * HOUR_MS
+    within = (pl.col("dt_ms") > 0) & (pl.col("dt_ms") <= h_ms)
+    showing = pl.col("f_pre").is_not_null() & (pl.col("t_ms") >= pl.col("f_pre"))
     agg = j.group_by("_r").agg(
-        pos=((pl.col("dt_ms") > 0) & (pl.col("dt_ms") <= h_ms) & pl.col("f_pre")).any(),
-        blind=((pl.col("dt_ms") > 0) & (pl.col("dt_ms") <= h_ms) & ~pl.col("f_pre")).any(),
+        pos=(within & showing).any(), blind=(within & ~showing.fill_null(False)).any(),
         after=(pl.col("dt_ms") <= 0).any())
     g = g.join(agg, on="_r", how="left").with_columns(pl.col("pos", "blind", "after").fill_null(False))
     from .rules import SILENT_MIN
@@ -190,7 +193,7 @@ def false_cordons(starts: pl.DataFrame, failures: pl.DataFrame, horizon_h: int =
 
 
 def train(grid: pl.DataFrame, failures: pl.DataFrame, *, seed: int = 0, train_frac: float = 0.6,
-          target_false_per_10k: float = 0.5, max_negatives: int = 300_000, source: str = "") -> tuple[RiskModel, dict]:
+          target_false_per_10k: float = 0.25, max_negatives: int = 150_000, source: str = "") -> tuple[RiskModel, dict]:
     """Fit on the early `train_frac` of the time range, pick thresholds on the rest.
 
     Returns the model and a report of the validation (out-of-time) figures."""

@@ -34,6 +34,12 @@ FLAP_HOURS = 3             # an EFA port that went down and up in 3 of the last 
 NEURON_HW_ERRORS = 3       # Trainium hardware execution errors in an hour (one now and then is noise)
 EFA_UNRESPONSIVE = 4       # unresponsive/impaired-remote events on a node in an hour (healthy: ~1/day)
 FATAL_XID_HOLD_H = 24      # a fatal XID keeps its verdict this long (remediation holds the cordon)
+# Trend rules: error counters far above their own baseline, at counts a healthy chip does not
+# reach (healthy: ~0.3 correctable ECC, ~0.5 PCIe replays, ~4 NVLink CRC errors a day).
+ECC_SURGE_24H, ECC_SURGE_RATIO = 8, 5
+PCIE_SURGE_24H, PCIE_SURGE_RATIO = 20, 10
+NVLINK_SURGE_24H, NVLINK_SURGE_RATIO = 30, 5
+NEURON_HW_24H = 3
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,21 @@ CHIP_RULES: tuple[Rule, ...] = (
          pl.lit("an NVLink is down")),
     Rule("trainium_hw_errors", _n("neuron_hw_peak_24h") >= NEURON_HW_ERRORS, State.FAILING, Action.DRAIN,
          _f("Trainium hardware execution errors: up to {} in an hour within the last 24 h", "neuron_hw_peak_24h")),
+    # trends that precede failures (failure-model.md): a chip whose error rate surges is drained
+    # before it takes a job down
+    Rule("ecc_corrected_surge", (_n("ecc_corr_24h") >= ECC_SURGE_24H) & (_n("ecc_corr_ratio") >= ECC_SURGE_RATIO),
+         State.DEGRADED, Action.DRAIN,
+         _f("correctable ECC rate {}/h, {}x its 7-day baseline", (pl.col("ecc_corr_24h") / 24).round(2),
+            pl.col("ecc_corr_ratio").round(0))),
+    Rule("pcie_replay_surge", (_n("pcie_24h") >= PCIE_SURGE_24H) & (_n("pcie_ratio") >= PCIE_SURGE_RATIO),
+         State.DEGRADED, Action.DRAIN,
+         _f("PCIe replays {} in 24 h, {}x the baseline (a failing link: falls off the bus next)",
+            pl.col("pcie_24h").cast(pl.Int64), pl.col("pcie_ratio").round(0))),
+    Rule("nvlink_error_surge", (_n("nvlink_24h") >= NVLINK_SURGE_24H) & (_n("nvlink_ratio") >= NVLINK_SURGE_RATIO),
+         State.DEGRADED, Action.DRAIN,
+         _f("NVLink errors {} in 24 h, {}x the baseline", pl.col("nvlink_24h").cast(pl.Int64), pl.col("nvlink_ratio").round(0))),
+    Rule("trainium_hw_error_trend", _n("neuron_hw_24h") >= NEURON_HW_24H, State.DEGRADED, Action.DRAIN,
+         _f("Trainium hardware execution errors: {} in 24 h", pl.col("neuron_hw_24h").cast(pl.Int64))),
     Rule("thermal_sustained", (_n("hot_6h") >= HOT_HOURS) | (_n("throttle_6h") >= THROTTLE_FRACTION),
          State.DEGRADED, Action.DRAIN,
          _f("sustained thermal trouble: at the slowdown temperature {} of the last 6 h, throttled {}% of the time",
