@@ -193,3 +193,34 @@ def test_154_uses_the_recovery_action(tmp_path):
     v = vs[("n000", "0")]
     assert (v.state, v.action) == (State.FAILING, Action.REBOOT_NODE)
     assert any("XID 154" in r and "node reboot" in r for r in v.reasons)
+
+
+@pytest.mark.parametrize("errors,fires", [(5, False), (10, True)])
+def test_correctable_ecc_surge(tmp_path, errors, fires):
+    t = Trace().baseline()
+    t.counter(0, 0, "hw.gpu.ecc.errors", {AT - i * 1_800_000: 1 for i in range(errors)},
+              type="corrected", memory="device", scope="aggregate")
+    vs, _ = run(tmp_path, t)
+    v = vs[("n000", "0")]
+    if fires:
+        assert (v.state, v.action) == (State.DEGRADED, Action.DRAIN)
+        assert "correctable ECC rate" in v.reasons[0] and "baseline" in v.reasons[0]
+    else:
+        assert v.state == State.HEALTHY
+
+
+def test_pcie_replay_surge(tmp_path):
+    t = Trace(nodes=2, chips=2)
+    t.baseline()
+    t.rows = [r for r in t.rows if not (r[1] == "hw_gpu_pcie_replays_total" and '"node":"n001"' in r[2] and '"chip":"1"' in r[2])]
+    t.counter(1, 1, "hw.gpu.pcie.replays", {AT - 3 * HOUR: 10, AT - HOUR: 15, AT: 20})
+    vs, _ = run(tmp_path, t)
+    only(vs, "n001", "1", State.DEGRADED, Action.DRAIN, "PCIe replays 45 in 24 h")
+
+
+def test_trainium_hardware_errors_spread_over_a_day(tmp_path):
+    t = Trace(vendor="aws").baseline()
+    t.counter(0, 1, "hw.neuron.execution.errors", {AT - 9 * HOUR: 1, AT - 4 * HOUR: 1, AT: 1}, type="hardware")
+    vs, _ = run(tmp_path, t)
+    v = only(vs, "n000", "1", State.DEGRADED, Action.DRAIN, "3 in 24 h")
+    assert not any("in an hour" in r for r in v.reasons)
