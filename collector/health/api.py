@@ -96,10 +96,10 @@ class LiveHealth:
                 return fate.jobs_from_squeue(self.cfg["squeue"], self.cfg["scontrol"])
             if mode.startswith("label:"):
                 label = mode.split(":", 1)[1]
-                return self.store.cursor().execute(
+                return self.store.cursor().sql(
                     "SELECT DISTINCT labels[?] AS job, labels['node'] AS node, 0::BIGINT AS start, "
                     "(1::BIGINT << 62) AS \"end\" FROM series WHERE labels[?] IS NOT NULL AND labels['node'] IS NOT NULL",
-                    [label, label]).pl()
+                    params=[label, label]).pl()
         except Exception as exc:  # noqa: BLE001 - fate-sharing then groups by rack only; say so
             log.warning("health: job membership unavailable (%s); fate-sharing groups by rack only", exc)
         return None

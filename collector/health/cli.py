@@ -88,7 +88,7 @@ def from_collector(db_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
                           [CONFIRMED_TABLE]).fetchall()[0][0]
         if not has:
             raise ValueError(f"{db_path}: no {CONFIRMED_TABLE} table: no operator-confirmed failures to learn from")
-        conf = cur.execute(f"SELECT ts, cluster, node, chip, mode, confirmed_by FROM {CONFIRMED_TABLE}").pl()
+        conf = cur.sql(f"SELECT ts, cluster, node, chip, mode, confirmed_by FROM {CONFIRMED_TABLE}").pl()
         lo, hi = cur.execute("SELECT min(ts), max(ts) FROM samples").fetchall()[0]
         if lo is None:
             raise ValueError(f"{db_path}: the store has no samples")

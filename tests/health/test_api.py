@@ -81,3 +81,20 @@ def test_http_endpoint(tmp_path):
 def test_unknown_config_key_is_refused(tmp_path):
     with pytest.raises(HealthConfigError, match="unknown keys"):
         create_app(from_dict({"db": str(tmp_path / "c.duckdb"), "health": {"intervall": 5}}))
+
+
+def test_live_fate_sharing_with_a_job_label(tmp_path):
+    ctx = make_context(from_dict({"db": str(tmp_path / "c.duckdb")}))
+    t = Trace(nodes=4, chips=1, hours=31)
+    t.baseline()
+    for n in range(3):        # XID 79 on three nodes of job 77 within a minute: a fabric event
+        at = AT + n * 20_000
+        t.counter(n, 0, "hw.gpu.xid.errors", {at: 1}, from_ts=at, xid="79", slurm_job="77")
+    t.rows = [r for r in t.rows if r[0] <= NOW]
+    load(ctx.store, t)
+    live = LiveHealth(ctx.store, ctx.writer, {"jobs": "label:slurm_job"})
+    vs = live.run_once(now_ms=NOW)
+    storms = [v for v in vs if v.source == "fate-sharing"]
+    assert len(storms) == 1 and storms[0].job == "77" and "XID 79 on 3 nodes of job 77" in storms[0].reasons[0]
+    assert not any(v.action.takes_out_of_service for v in vs)
+    ctx.store.close()
