@@ -58,11 +58,11 @@ def view_sql() -> list[str]:
         f"""CREATE OR REPLACE VIEW power_per_rack_hourly AS
            SELECT ts AS hour, labels['cluster'] AS cluster, labels['rack'] AS rack,
                   count(DISTINCT labels['uuid']) FILTER (WHERE name = {power}) AS chips,
-                  coalesce(sum(avg) FILTER (WHERE name = {power}), 0) AS accelerator_watts,
-                  coalesce(sum(max) FILTER (WHERE name = {power}), 0) AS accelerator_peak_watts,
+                  sum(avg) FILTER (WHERE name = {power}) AS accelerator_watts,         -- NULL: no chip reports it
+                  sum(max) FILTER (WHERE name = {power}) AS accelerator_peak_watts,
                   coalesce(sum(avg) FILTER (WHERE name = {host_power}
                                             AND labels['sensor'] = 'dcmi_instantaneous'), 0) AS host_watts,
-                  coalesce(sum(avg) FILTER (WHERE name = {power}), 0) / 1000.0 AS energy_kwh
+                  sum(avg) FILTER (WHERE name = {power}) / 1000.0 AS energy_kwh
            FROM rollup_1h WHERE name IN ({power}, {host_power})
            GROUP BY ALL""",
         f"""CREATE OR REPLACE VIEW memory_headroom_daily AS
