@@ -14,7 +14,8 @@
       max_series_total: 5000000
     storage:
       retention_raw: 15d              # raw samples older than this are deleted
-      retention_rollup: 400d          # rollup_5m / rollup_1h rows older than this are deleted
+      retention_rollup_5m: 90d        # rollup_5m rows older than this are deleted
+      retention_rollup: 400d          # rollup_1h rows older than this are deleted
       maintenance_interval_s: 60      # rollups, compaction, retention (apscheduler job)
       compact_after_s: 3600           # raw samples older than this are rewritten sorted by series
       export_dir: null                # set to export closed days as Hive-partitioned Parquet
@@ -75,6 +76,7 @@ class IngestConfig:
 @dataclass
 class StorageConfig:
     retention_raw: float = 15 * 86400
+    retention_rollup_5m: float = 90 * 86400
     retention_rollup: float = 400 * 86400
     maintenance_interval_s: float = 60
     compact_after_s: float = 3600
@@ -117,7 +119,7 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-_DURATION_FIELDS = {"retention_raw", "retention_rollup", "maintenance_interval_s", "compact_after_s",
+_DURATION_FIELDS = {"retention_raw", "retention_rollup", "retention_rollup_5m", "maintenance_interval_s", "compact_after_s",
                     "queue_timeout_s", "timeout_s"}
 
 

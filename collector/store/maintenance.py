@@ -20,7 +20,8 @@ one step of one chunk):
    ts TIMESTAMP(ms, UTC), labels MAP<string,string>, value DOUBLE (sorted by series, then ts).
    Files are written through pyarrow (the store's DuckDB has file access switched off).
 4. retention. Raw samples older than storage.retention_raw are deleted - never before they are
-   rolled up (and exported, when export is on); rollups older than storage.retention_rollup too;
+   rolled up (and exported, when export is on); rollup_5m rows older than
+   storage.retention_rollup_5m (90 d) and rollup_1h rows older than storage.retention_rollup (400 d);
    batch keys older than a day are forgotten.
 """
 
@@ -204,7 +205,8 @@ def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int
     return written
 
 
-def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool) -> dict:
+def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool,
+              rollup_5m_ms: int | None = None) -> dict:
     con = store.con
     with store.write_lock:
         limit = now_ms - raw_ms
@@ -213,9 +215,9 @@ def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool) 
             limit = min(limit, mark if mark is not None else -(1 << 62))
         raw = sum(con.execute(f"DELETE FROM {t} WHERE ts < ?", [limit]).fetchall()[0][0]
                   for t in ("samples_cold", "samples_hot"))
-        old = now_ms - rollup_ms
-        r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old]).fetchall()[0][0]
-        r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [old]).fetchall()[0][0]
+        old5 = now_ms - (rollup_ms if rollup_5m_ms is None else rollup_5m_ms)
+        r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old5]).fetchall()[0][0]
+        r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [now_ms - rollup_ms]).fetchall()[0][0]
     return {"raw_deleted": int(raw), "rollup_deleted": int(r5) + int(r1)}
 
 
@@ -233,7 +235,8 @@ def run_once(ctx, now_ms: int | None = None) -> dict:
     if storage.export_dir:
         done["exported_days"] = export_days(ctx.store, storage.export_dir, now_ms)
     done.update(retention(ctx.store, now_ms, int(storage.retention_raw * 1000),
-                          int(storage.retention_rollup * 1000), bool(storage.export_dir)))
+                          int(storage.retention_rollup * 1000), bool(storage.export_dir),
+                          rollup_5m_ms=int(storage.retention_rollup_5m * 1000)))
     done["batch_keys_forgotten"] = ctx.writer.forget_batch_keys(now_ms)
     return done
 

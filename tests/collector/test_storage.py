@@ -113,6 +113,12 @@ def test_retention_never_drops_what_is_not_rolled_up_or_exported(tmp_path):
     assert done["exported_days"] and done["raw_deleted"] == 2 * 360 * 3
     assert cur.execute("SELECT count(*) FROM samples").fetchone()[0] == 0
     assert cur.execute("SELECT sum(count) FROM rollup_1h").fetchone()[0] == 2 * 360 * 3   # history kept
+    # 5-minute rollups go after retention_rollup_5m, hourly ones after retention_rollup
+    done = maintenance.retention(ctx.store, T0 + 10 * 24 * H, raw_ms=H, rollup_ms=20 * 24 * H, exporting=True,
+                                 rollup_5m_ms=5 * 24 * H)
+    assert done["rollup_deleted"] == 2 * 12 * 3
+    assert cur.execute("SELECT count(*) FROM rollup_5m").fetchone()[0] == 0
+    assert cur.execute("SELECT count(*) FROM rollup_1h").fetchone()[0] == 2 * 3
 
 
 def test_parquet_export_reads_back_with_hive_partitions(tmp_path):
