@@ -249,7 +249,9 @@ class Renderer:
         temp = np.empty((C, T))
         prev = self._temp[inc]
         prev = np.where(np.isnan(prev), target[:, 0], prev)
-        for t in range(T):   # first-order thermal inertia; vectorized over chips
+        # First-order thermal inertia. scipy.signal.lfilter computes the same recursion, but scipy
+        # is not a dependency of ours; a loop over steps, vectorized over chips, is cheap enough.
+        for t in range(T):
             prev = prev + alpha * (target[:, t] - prev)
             temp[:, t] = prev
         self._temp[inc] = prev
