@@ -80,7 +80,7 @@ def fleet_rows(nodes: int, chips: int, end_s: int, minutes: int):
             series.append((P("hw.network.up"), port, lambda k: 1))
             for counter, per_min in (("tx_pkts", 6e6), ("rx_pkts", 6e6), ("rx_drops", 30), ("retrans_pkts", 900),
                                      ("unresponsive_remote_events", 0)):
-                series.append((P("hw.efa.port.counter"), {**port, "counter": counter}, lambda k, r=per_min: k * r))
+                series.append((P("hw.efa.port.stat"), {**port, "counter": counter}, lambda k, r=per_min: k * r))
         series += [
             (P("hw.host.temperature"), {**node, "sensor": "coretemp/Package id 0"}, lambda k: 70 + 5 * math.sin(k / 7)),
             (P("hw.host.temperature.limit"), {**node, "sensor": "coretemp/Package id 0", "threshold": "max"}, lambda k: 100),

@@ -311,7 +311,7 @@ def node_detail() -> dict:
            unit="celsius", th=TEMP_C),
         ts("Fans", target(f"{sel('hw.fan.speed', NODE_SEL)}", "{{node}} {{sensor}}"), unit="rotrpm"),
         ts("EFA throughput",
-           target(f'sum by (node, device) (rate({sel("hw.efa.port.counter", NODE_SEL, counter="~tx_bytes|rx_bytes")}[{RATE}]))',
+           target(f'sum by (node, device) (rate({sel("hw.efa.port.stat", NODE_SEL, counter="~tx_bytes|rx_bytes")}[{RATE}]))',
                   "{{node}} {{device}}"), unit="Bps"),
         row("Agent"),
         ts("Source collection success", target(f"{sel('shopfloor.agent.scrape.success', NODE_SEL)}", "{{node}} {{source}}"),
@@ -436,7 +436,7 @@ def power_thermals() -> dict:
 
 def efa_network() -> dict:
     def c(counter_re: str) -> str:
-        return sel("hw.efa.port.counter", NODE_SEL, counter="~" + counter_re)
+        return sel("hw.efa.port.stat", NODE_SEL, counter="~" + counter_re)
     p = [
         row("Ports"),
         stat("Ports down", f"count({sel('hw.network.up', NODE_SEL)} == 0) or vector(0)", th=ANY_IS_BAD, w=6),
@@ -461,7 +461,7 @@ def efa_network() -> dict:
                                                 "{{node}} {{device}}"), decimals=0, th=ANY_IS_BAD),
         ts("Port state", target(f"{sel('hw.network.up', NODE_SEL)}", "{{node}} {{device}}/{{port}}"), minv=0, maxv=1,
            decimals=0),
-        ts("Device command errors", target(f'sum by (node, device) (increase({sel("hw.efa.device.counter", NODE_SEL, counter="cmds_err")}[{RATE}]))',
+        ts("Device command errors", target(f'sum by (node, device) (increase({sel("hw.efa.device.stat", NODE_SEL, counter="cmds_err")}[{RATE}]))',
                                            "{{node}} {{device}}"), decimals=0),
     ]
     return dashboard("shopfloor-efa", "Shopfloor / EFA network",

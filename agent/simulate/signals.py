@@ -478,7 +478,7 @@ class Renderer:
             scale = (1e5 if counter.startswith("retrans") else 1e13 if "bytes" in counter
                      else 1e9 if ("pkts" in counter or "wrs" in counter) else 5.0)
             vals = self._counter(("efa", counter), "dev", devs, incs[counter], scale)
-            groups.append(Group("hw.efa.port.counter", "dev", devs, (("counter", counter), ("port", "1")), vals))
+            groups.append(Group("hw.efa.port.stat", "dev", devs, (("counter", counter), ("port", "1")), vals))
         groups.append(Group("hw.network.up", "dev", devs, (("port", "1"),), up.astype(float)))
         if self.full:
             groups.append(Group("hw.network.bandwidth.limit", "dev", devs, (("port", "1"),),
@@ -491,7 +491,7 @@ class Renderer:
                 else:
                     inc_v = np.zeros((D, T))
                 vals = self._counter(("efa_dev", counter), "dev", devs, inc_v, 1e6 if counter != "cmds_err" else 0)
-                groups.append(Group("hw.efa.device.counter", "dev", devs, (("counter", counter),), vals))
+                groups.append(Group("hw.efa.device.stat", "dev", devs, (("counter", counter),), vals))
 
         # host power = base + accelerators (IPMI DCMI prints whole watts)
         N = f.n_nodes

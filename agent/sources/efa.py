@@ -1,8 +1,8 @@
 """EFA (and any InfiniBand-class RDMA device) counters from sysfs.
 
 Layout read (root injected, default /sys):
-    class/infiniband/<dev>/hw_counters/<counter>              -> hw.efa.device.counter
-    class/infiniband/<dev>/ports/<port>/hw_counters/<counter> -> hw.efa.port.counter
+    class/infiniband/<dev>/hw_counters/<counter>              -> hw.efa.device.stat
+    class/infiniband/<dev>/ports/<port>/hw_counters/<counter> -> hw.efa.port.stat
     class/infiniband/<dev>/ports/<port>/state   "4: ACTIVE"   -> hw.network.up
     class/infiniband/<dev>/ports/<port>/rate    "100 Gb/sec (4X EDR)" -> hw.network.bandwidth.limit
 
@@ -82,7 +82,7 @@ class EfaSource:
         for dev in self._devices():
             device = dev.name
             for counter, value in _counters(dev / "hw_counters"):
-                points.append(point("hw.efa.device.counter", value, device=device, counter=counter))
+                points.append(point("hw.efa.device.stat", value, device=device, counter=counter))
             try:
                 ports = sorted((dev / "ports").iterdir(), key=lambda p: p.name)
             except OSError:
@@ -90,7 +90,7 @@ class EfaSource:
             for port_dir in ports:
                 port = port_dir.name
                 for counter, value in _counters(port_dir / "hw_counters"):
-                    points.append(point("hw.efa.port.counter", value,
+                    points.append(point("hw.efa.port.stat", value,
                                         device=device, port=port, counter=counter))
                 state = _read(port_dir / "state")
                 if state is not None:

@@ -54,7 +54,7 @@ def test_agent_process_pushes_serves_and_stops_cleanly(tmp_path):
     # a scheduled collection (an XID event push may come first: the log already has XIDs)
     batch = next(r for r in receiver.requests if any(p[0] == "shopfloor.agent.scrape.success" for p in r["points"]))
     names = {p[0] for p in batch["points"]}
-    assert {"hw.efa.port.counter", "hw.gpu.xid.errors", "hw.host.temperature"} <= names
+    assert {"hw.efa.port.stat", "hw.gpu.xid.errors", "hw.host.temperature"} <= names
     labels = next(p[1] for p in batch["points"] if p[0] == "hw.gpu.xid.errors")
     assert labels["cluster"] == "proc" and labels["service.instance.id"] == "n7"
 

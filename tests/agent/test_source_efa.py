@@ -18,23 +18,23 @@ def test_every_counter_file_becomes_a_series():
     points = EfaSource(SYSFS).collect()
     # 3 new-driver devices with 22 port counters, 1 older one with 15; 12 device counters each;
     # state and rate per port. The 'lifespan' setting file is not a counter.
-    assert len([p for p in points if p.name == "hw.efa.port.counter"]) == 3 * 22 + 15
-    assert len([p for p in points if p.name == "hw.efa.device.counter"]) == 4 * 12
+    assert len([p for p in points if p.name == "hw.efa.port.stat"]) == 3 * 22 + 15
+    assert len([p for p in points if p.name == "hw.efa.device.stat"]) == 4 * 12
     assert len(points) == 3 * 22 + 15 + 4 * 12 + 4 + 4
     assert not any(p.attributes.get("counter") == "lifespan" for p in points)
     values = by_key(points)
-    port = lambda dev, c: values[("hw.efa.port.counter", (("counter", c), ("device", dev), ("port", "1")))]
+    port = lambda dev, c: values[("hw.efa.port.stat", (("counter", c), ("device", dev), ("port", "1")))]
     assert port("rdmap16s27", "tx_bytes") == 7045610009911
     assert port("rdmap16s27", "rx_drops") == 17
     assert port("rdmap16s27", "retrans_pkts") == 247384804
     assert port("rdmap160s27", "tx_bytes") == 1519471687
-    assert values[("hw.efa.device.counter", (("counter", "submitted_cmds"), ("device", "rdmap16s27")))] == 313677
+    assert values[("hw.efa.device.stat", (("counter", "submitted_cmds"), ("device", "rdmap16s27")))] == 313677
 
 
 def test_older_driver_lacks_rdma_write_and_retrans():
     points = EfaSource(SYSFS).collect()
     old = {p.attributes["counter"] for p in points
-           if p.name == "hw.efa.port.counter" and p.attributes["device"] == "rdmap144s27"}
+           if p.name == "hw.efa.port.stat" and p.attributes["device"] == "rdmap144s27"}
     assert "tx_bytes" in old and "rdma_read_bytes" in old
     assert not {c for c in old if c.startswith(("rdma_write", "retrans"))}
 
@@ -55,7 +55,7 @@ def test_garbage_counter_file_is_skipped_not_fatal(tmp_path):
     bad = tmp_path / "class/infiniband/rdmap16s27/ports/1/hw_counters/tx_bytes"
     bad.write_text("not a number\n")
     points = EfaSource(tmp_path).collect()
-    counters = {(p.attributes["device"], p.attributes["counter"]) for p in points if p.name == "hw.efa.port.counter"}
+    counters = {(p.attributes["device"], p.attributes["counter"]) for p in points if p.name == "hw.efa.port.stat"}
     assert ("rdmap16s27", "tx_bytes") not in counters
     assert ("rdmap16s27", "rx_bytes") in counters
 

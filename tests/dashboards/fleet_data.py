@@ -155,9 +155,9 @@ def node_points(cluster: str, rack: str, node: str, k: int, t_s: float, step_s: 
     # EFA
     for dev in ("rdmap16s27", "rdmap32s27"):
         for counter, per_s in EFA_PORT_COUNTERS.items():
-            add("hw.efa.port.counter", math.floor(per_s * t_s), device=dev, port="1", counter=counter)
+            add("hw.efa.port.stat", math.floor(per_s * t_s), device=dev, port="1", counter=counter)
         for counter, per_s in EFA_DEVICE_COUNTERS.items():
-            add("hw.efa.device.counter", math.floor(per_s * t_s), device=dev, counter=counter)
+            add("hw.efa.device.stat", math.floor(per_s * t_s), device=dev, counter=counter)
         add("hw.network.up", 0 if (dev == "rdmap32s27" and node == "trn-002") else 1, device=dev, port="1")
         add("hw.network.bandwidth.limit", 12.5e9, device=dev, port="1")
     # the agent itself
