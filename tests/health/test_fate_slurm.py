@@ -17,7 +17,7 @@ def test_running_job_nodes_from_squeue_and_a_storm_on_them(slurm):  # noqa: F811
     sbatch, squeue = require_binary("sbatch"), require_binary("squeue")
     scontrol = shutil.which("scontrol")
     assert expand_hostlist("gpu-[001-003]", scontrol, slurm.env) == ["gpu-001", "gpu-002", "gpu-003"]
-    out = subprocess.run([sbatch, "-N", "3", "--parsable", "--wrap", "sleep 30"], env=slurm.env,
+    out = subprocess.run([sbatch, "-N", "3", "--parsable", "-o", "/dev/null", "--wrap", "sleep 30"], env=slurm.env,
                          capture_output=True, text=True, timeout=20, check=True)
     job = out.stdout.strip().split(";")[0]
     try:
