@@ -8,9 +8,11 @@ rollup: every feature row only looks backwards, so this equals stepping hour by 
 Scoring (all from the cordon *episodes*: a chip, or a node for node-level rules, enters
 out-of-service and stays there until it has been clear for RETURN_H hours):
 - caught before: a failure is caught when an episode for its chip (its node for `nic`) started
-  within HORIZON_H hours before it and before it happened; lead time = failure time - episode start;
-- precision: episodes followed by a failure of their chip/node within the horizon (or started up to
-  DETECT_H after one: detecting a failure that just happened is right) / all episodes;
+  before it, within HORIZON_H hours or after its precursor began (ground truth); lead time =
+  failure time - the earliest such episode start;
+- precision: episodes followed by a failure of their chip/node within the horizon, started while
+  the precursor of a coming failure of the chip ran (the chip is degrading), or started up to
+  DETECT_H after a failure (detecting a failure that just happened is right) / all episodes;
 - false cordons per 10,000 chip-days: the other episodes over the chips' observed days;
 - cordons during storms: episodes starting on a storm's nodes within STORM_GUARD_H of it.
 """
@@ -87,8 +89,10 @@ def score(td: TraceData, model: risk_model.RiskModel | None, hours_from: int | N
             return f.with_columns(lead_h=pl.lit(None, pl.Float64), detect_h=pl.lit(None, pl.Float64))
         j = f.join(eps.with_columns(e_ms=(pl.col("start_hour") + 1) * HOUR_MS).select(*keys, "e_ms"), on=keys, how="left")
         j = j.with_columns(d=pl.col("ts") - pl.col("e_ms"))
+        # caught: an episode began before the failure, within the horizon or while its precursor ran
+        early = (pl.col("d") > 0) & ((pl.col("d") <= h_ms) | (pl.col("e_ms") >= pl.col("precursor_start")).fill_null(False))
         agg = j.group_by("_f").agg(
-            lead_ms=pl.col("d").filter((pl.col("d") > 0) & (pl.col("d") <= h_ms)).max(),
+            lead_ms=pl.col("d").filter(early).max(),
             detect_ms=(-pl.col("d")).filter((pl.col("d") <= 0) & (-pl.col("d") <= DETECT_H * HOUR_MS)).min())
         return f.join(agg, on="_f", how="left").with_columns(
             lead_h=pl.col("lead_ms") / HOUR_MS, detect_h=pl.col("detect_ms") / HOUR_MS)
@@ -106,8 +110,10 @@ def score(td: TraceData, model: risk_model.RiskModel | None, hours_from: int | N
         if eps.is_empty():
             return eps.with_columns(ok=pl.lit(False))
         e = eps.with_row_index("_e").with_columns(e_ms=(pl.col("start_hour") + 1) * HOUR_MS)
-        j = e.join(f.select(*keys, f_ts=pl.col("ts")), on=keys, how="left").with_columns(
-            ok=((pl.col("f_ts") >= pl.col("e_ms") - DETECT_H * HOUR_MS) & (pl.col("f_ts") <= pl.col("e_ms") + h_ms)).fill_null(False))
+        j = e.join(f.select(*keys, f_ts=pl.col("ts"), f_pre=pl.col("precursor_start")), on=keys, how="left").with_columns(
+            ok=(((pl.col("f_ts") >= pl.col("e_ms") - DETECT_H * HOUR_MS) & (pl.col("f_ts") <= pl.col("e_ms") + h_ms))
+                # a chip cordoned while the precursor of its coming failure runs is degrading, not healthy
+                | ((pl.col("e_ms") >= pl.col("f_pre")) & (pl.col("e_ms") < pl.col("f_ts")))).fill_null(False))
         return e.join(j.group_by("_e").agg(pl.col("ok").any()), on="_e")
 
     all_fail = td.failures

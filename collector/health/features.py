@@ -88,8 +88,8 @@ SIGNALS: tuple[Signal, ...] = (
     Signal("net_up_min", "hw.network.up", "min", level="node"),
     Signal("net_up_max", "hw.network.up", "minmax", level="node"),
     Signal("net_flap", "hw.network.up", "flap", level="node"),
-    Signal("efa_retrans", "hw.efa.port.counter", "inc", _w(counter=("retrans_pkts", "retrans_timeout_events")), level="node"),
-    Signal("efa_unresponsive", "hw.efa.port.counter", "inc",
+    Signal("efa_retrans", "hw.efa.port.stat", "inc", _w(counter=("retrans_pkts", "retrans_timeout_events")), level="node"),
+    Signal("efa_unresponsive", "hw.efa.port.stat", "inc",
            _w(counter=("unresponsive_remote_events", "impaired_remote_conn_events")), level="node"),
 )
 XID_METRIC = "hw.gpu.xid.errors"
@@ -521,7 +521,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
     g = g.with_columns(
         t_ms=end_ms,
         ecc_corr_1h=_roll("ecc_corr", 1), ecc_corr_24h=_roll("ecc_corr", 24),
-        ecc_corr_6h=_roll("ecc_corr", 6),
+        ecc_corr_6h=_roll("ecc_corr", 6), ecc_corr_7d=_roll("ecc_corr", BASELINE_H),
         ecc_corr_base=rate_base("ecc_corr"),
         ecc_uncorr_1h=_roll("ecc_uncorr", 1), ecc_uncorr_24h=_roll("ecc_uncorr", 24),
         ecc_uncorr_7d=_roll("ecc_uncorr", BASELINE_H),

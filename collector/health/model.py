@@ -180,13 +180,15 @@ def episodes(flags: pl.DataFrame, gap_h: int = 24) -> pl.DataFrame:
 
 
 def false_cordons(starts: pl.DataFrame, failures: pl.DataFrame, horizon_h: int = HORIZON_H) -> tuple[int, int]:
-    """(true, false) chip cordon episodes: true when the chip fails within [start - 24 h, start + horizon]."""
+    """(true, false) chip cordon episodes: true when the chip fails within [start - 24 h, start +
+    horizon], or the episode starts while the precursor of the chip's coming failure runs."""
     if starts.is_empty():
         return 0, 0
-    f = failures.filter(pl.col("chip") != "").select(*CHIP_KEY, f_ts=pl.col("ts"))
+    f = failures.filter(pl.col("chip") != "").select(*CHIP_KEY, f_ts=pl.col("ts"), f_pre=pl.col("precursor_start"))
     s = starts.with_row_index("_e").with_columns(t=(pl.col("start_hour") + 1) * HOUR_MS)
     j = s.join(f, on=CHIP_KEY, how="left").with_columns(
-        ok=((pl.col("f_ts") >= pl.col("t") - 24 * HOUR_MS) & (pl.col("f_ts") <= pl.col("t") + horizon_h * HOUR_MS)).fill_null(False))
+        ok=(((pl.col("f_ts") >= pl.col("t") - 24 * HOUR_MS) & (pl.col("f_ts") <= pl.col("t") + horizon_h * HOUR_MS))
+            | ((pl.col("t") >= pl.col("f_pre")) & (pl.col("t") < pl.col("f_ts")))).fill_null(False))
     ok = j.group_by("_e").agg(pl.col("ok").any())
     t = int(ok["ok"].sum())
     return t, len(ok) - t

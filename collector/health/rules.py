@@ -37,8 +37,10 @@ FATAL_XID_HOLD_H = 24      # a fatal XID keeps its verdict this long (remediatio
 # Trend rules: error counters far above their own baseline, at counts a healthy chip does not
 # reach (healthy: ~0.3 correctable ECC, ~0.5 PCIe replays, ~4 NVLink CRC errors a day).
 ECC_SURGE_24H, ECC_SURGE_RATIO = 8, 5
-PCIE_SURGE_24H, PCIE_SURGE_RATIO = 20, 10
-NVLINK_SURGE_24H, NVLINK_SURGE_RATIO = 30, 5
+ECC_SUSTAINED_7D = 21      # 3 a day for a week: 10x the healthy rate (a slow ramp hides in its own baseline)
+REMAP_ECC_24H = 3          # a pending remap and correctable errors still coming
+PCIE_SURGE_24H, PCIE_SURGE_RATIO = 10, 10
+NVLINK_SURGE_24H, NVLINK_SURGE_RATIO = 20, 5
 NEURON_HW_24H = 3
 
 
@@ -91,10 +93,15 @@ CHIP_RULES: tuple[Rule, ...] = (
          _f("Trainium hardware execution errors: up to {} in an hour within the last 24 h", "neuron_hw_peak_24h")),
     # trends that precede failures (failure-model.md): a chip whose error rate surges is drained
     # before it takes a job down
-    Rule("ecc_corrected_surge", (_n("ecc_corr_24h") >= ECC_SURGE_24H) & (_n("ecc_corr_ratio") >= ECC_SURGE_RATIO),
+    Rule("ecc_corrected_surge", (_n("ecc_corr_24h") >= ECC_SURGE_24H)
+         & ((_n("ecc_corr_ratio") >= ECC_SURGE_RATIO) | (_n("ecc_corr_7d") >= ECC_SUSTAINED_7D)),
          State.DEGRADED, Action.DRAIN,
-         _f("correctable ECC rate {}/h, {}x its 7-day baseline", (pl.col("ecc_corr_24h") / 24).round(2),
-            pl.col("ecc_corr_ratio").round(0))),
+         _f("correctable ECC rate {}/h, {}x its 7-day baseline ({} in 7 days)", (pl.col("ecc_corr_24h") / 24).round(2),
+            pl.col("ecc_corr_ratio").round(0), pl.col("ecc_corr_7d").cast(pl.Int64))),
+    Rule("remap_pending_with_ecc", (_n("remap_pending") >= 1) & (_n("ecc_corr_24h") >= REMAP_ECC_24H),
+         State.DEGRADED, Action.DRAIN,
+         _f("a row remap is pending and correctable ECC errors keep coming ({} in 24 h): the memory is degrading",
+            pl.col("ecc_corr_24h").cast(pl.Int64))),
     Rule("pcie_replay_surge", (_n("pcie_24h") >= PCIE_SURGE_24H) & (_n("pcie_ratio") >= PCIE_SURGE_RATIO),
          State.DEGRADED, Action.DRAIN,
          _f("PCIe replays {} in 24 h, {}x the baseline (a failing link: falls off the bus next)",
