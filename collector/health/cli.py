@@ -1,6 +1,6 @@
 """`shopfloor health train|backtest`.
 
-    shopfloor health train --trace DIR [--out MODEL] [--seed N]
+    shopfloor health train --trace DIR [DIR ...] [--out MODEL] [--seed N]
     shopfloor health train --from-collector DB [--out MODEL]
     shopfloor health backtest --trace DIR [--model MODEL] [--json]
 
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the risk model")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="simulator trace directory (shopfloor simulate --out DIR)")
+    src.add_argument("--trace", nargs="+", help="simulator trace directories (shopfloor simulate --out DIR); "
+                     "several are trained on together")
     src.add_argument("--from-collector", metavar="DB", help="the collector's DuckDB file")
     t.add_argument("--out", default=risk_model.DEFAULT_MODEL, help="where to write the model (default: the packaged one)")
     t.add_argument("--seed", type=int, default=0)
@@ -59,11 +60,16 @@ def main(argv: list[str]) -> int:
             bt.run(args.trace, args.model, as_json=args.json)
             return 0
         if args.trace:
-            td = bt.read_trace(args.trace)
-            # the features the live service computes: storm events removed first
-            _, events = without_storms(td.events, td.jobs)
-            grid = features(td.rollup, events, end_hour=(td.end_ms - 1) // HOUR_MS)  # type: ignore[arg-type]
-            failures, source = td.failures, f"trace {args.trace} (seed {td.meta.get('seed')})"
+            grids, fails, seeds = [], [], []
+            for d in args.trace:
+                td = bt.read_trace(d)
+                # the features the live service computes: storm events removed first
+                _, events = without_storms(td.events, td.jobs)
+                grids.append(features(td.rollup, events, end_hour=(td.end_ms - 1) // HOUR_MS))  # type: ignore[arg-type]
+                fails.append(td.failures)
+                seeds.append(str(td.meta.get("seed")))
+            grid, failures = pl.concat(grids, how="diagonal_relaxed"), pl.concat(fails, how="diagonal_relaxed")
+            source = f"traces {' '.join(args.trace)} (seeds {', '.join(seeds)})"
         else:
             grid, failures = from_collector(args.from_collector)
             source = f"collector {args.from_collector}"

@@ -35,6 +35,7 @@ HORIZON_H = 24 * 7
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "models")
 DEFAULT_MODEL = os.path.join(MODEL_DIR, "risk-v1.joblib")
 VERSION = "risk-v1"
+NEVER = 1.01                     # a cordon threshold no probability reaches
 
 
 @dataclass
@@ -240,13 +241,15 @@ def train(grid: pl.DataFrame, failures: pl.DataFrame, *, seed: int = 0, train_fr
         tp, fp = false_cordons(starts, failures)
         per10k = fp / max(chip_days, 1e-9) * 1e4
         table.append({"threshold": float(t), "true": tp, "false": fp, "false_per_10k_chip_days": per10k})
-        if chosen is None and per10k <= target_false_per_10k:
+        if chosen is None and per10k <= target_false_per_10k and tp > 0:
             chosen = float(t)
+    # No threshold catches a failure within the false-cordon budget on the out-of-time period:
+    # the model then never cordons on its own (its risk still makes chips WATCH and is exported).
     if chosen is None:
-        chosen = 0.99
+        chosen = NEVER
     auc = _auc(va_rep.filter(pl.col("usable"))["y"].to_numpy(), va_rep.filter(pl.col("usable"))["risk"].to_numpy())
     model.threshold = chosen
-    model.watch_threshold = min(chosen, max(0.2, chosen / 2))
+    model.watch_threshold = 0.5 if chosen == NEVER else min(chosen, max(0.2, chosen / 2))
     report = {
         "version": VERSION, "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seed": seed, "source": source, "horizon_h": HORIZON_H, "train_frac": train_frac,
