@@ -122,6 +122,12 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
             start = first // HOUR * HOUR
     hours = 0
     while start + HOUR <= closed:
+        # Jump over hours with nothing to move (old or sparse data must not cost a transaction
+        # per empty hour).
+        first = _min_ts(con, "samples_hot", "ts")
+        if first is None or first >= closed:
+            break
+        start = max(start, first // HOUR * HOUR)
         end = start + HOUR
         with store.write_lock:
             con.execute("BEGIN TRANSACTION")
@@ -177,6 +183,12 @@ def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int
     written = []
     root = Path(export_dir)
     while start + DAY + grace_ms <= now_ms:
+        first = cur.execute("SELECT min(ts) FROM samples WHERE ts >= ?", [start]).fetchall()[0][0]
+        if first is None:
+            break
+        start = max(start, first // DAY * DAY)   # skip days without data
+        if start + DAY + grace_ms > now_ms:
+            break
         day = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
         table = cur.sql(
             "SELECT se.metric AS metric, s.ts AS ts, se.labels AS labels, s.value AS value "

@@ -171,3 +171,13 @@ def test_writer_rejects_bad_rows_with_a_reason(tmp_path, bad):
     res = Writer(store).write([bad, ("fine", {"a": "b"}, 5, 2.0)])
     assert res.rejected == 1 and res.accepted == 1 and res.errors
     assert store.cursor().execute("SELECT count(*) FROM samples").fetchone()[0] == 1
+
+
+def test_old_and_sparse_data_do_not_stall_maintenance(tmp_path):
+    """Years between the oldest sample and now: compaction and export jump over empty hours/days."""
+    ctx = Ctx(tmp_path / "s.duckdb", export_dir=str(tmp_path / "export"))
+    fill(ctx.writer, T0, T0 + 600_000)
+    fill(ctx.writer, T0 + 900 * 24 * H, T0 + 900 * 24 * H + 600_000)
+    done = maintenance.run_once(ctx, now_ms=T0 + 1000 * 24 * H)
+    assert done["compacted_hours"] == 2 and len(done["exported_days"]) == 2
+    assert done["raw_deleted"] == 2 * 60 * 3   # rolled up, exported, then past raw retention
