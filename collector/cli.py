@@ -23,11 +23,16 @@ def main_collector(argv: list[str]) -> int:
         print(f"shopfloor collector: {exc}", file=sys.stderr)
         return 2
 
+    import duckdb
     import uvicorn
 
     from collector.app import create_app
 
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except (OSError, duckdb.IOException) as exc:   # e.g. the DuckDB file is held by another collector
+        print(f"shopfloor collector: cannot open {config.db}: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 access_log=args.log_level == "debug", timeout_graceful_shutdown=10)
     return 0

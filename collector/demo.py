@@ -132,6 +132,7 @@ Shopfloor demo
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import duckdb
     import uvicorn
 
     from collector.app import create_app, make_context
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "storage": {"maintenance_interval_s": 30}})
         ctx = make_context(config)
         app = create_app(config, ctx)
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError, duckdb.IOException) as exc:
         print(f"shopfloor demo: {exc}", file=sys.stderr)
         return 2
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",

@@ -57,3 +57,12 @@ def test_cli_reports_bad_config_and_has_no_token_flag(tmp_path):
     r = subprocess.run([PYTHON, "-m", "shopfloor", "collector", "--token", "x"], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "unrecognized arguments: --token" in r.stderr
+
+
+def test_second_collector_on_the_same_file_says_why(tmp_path):
+    from tests.collector.conftest import start_collector
+
+    with start_collector(tmp_path) as c:
+        r = subprocess.run([PYTHON, "-m", "shopfloor", "collector", "--db", str(c.db), "--listen", "127.0.0.1:1"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and f"cannot open {c.db}" in r.stderr and "lock" in r.stderr
