@@ -412,7 +412,6 @@ def read_hours(source, start_ms: int, end_ms: int, chunk_hours: int = 24, carry:
 
 
 # ---------------------------------------------------------------------------- step 4: features
-WINDOWS = {"1h": 1, "6h": 6, "24h": 24}
 BASELINE_H = 24 * 7          # the "normal" rate: the 7 days before the last 24 h
 
 # Feature columns of the model (documented in docs/health.md); rules read some of them too.

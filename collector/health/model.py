@@ -7,13 +7,14 @@ history has no baseline) over the trend features of features.py.
 Horizon: 7 days. The precursors the fleet shows (failure-model.md) lead HBM failures by a median
 of ~7 days (1-30), thermal ones by 3-30 days and off-the-bus ones by hours to 3 days; 7 days
 covers the bulk of them, and a cordon more than a week before a failure could not be told apart
-from a false one by an operator anyway. The backtest counts a cordon as true with the same horizon.
+from a false one by an operator anyway. The backtest counts a cordon as true with the same horizon
+(or when it falls inside the precursor window of the chip's coming failure).
 
 Training uses time-ordered splits: fit on the early part of the history, choose the cordon
 threshold on the later part (so the reported validation figures are out of time), as random
-splits inflate results. Labels: positive when the chip (uuid) fails within the horizon with a
-precursor recorded; rows in the horizon before a failure without any precursor are left out
-(nothing to learn from them), as are rows after a chip failed.
+splits inflate results. Labels: positive when the chip (uuid) fails within the horizon and its
+recorded precursor has begun (the row can show it); other rows in the horizon before a failure
+are left out (nothing to learn from them), as are rows after a chip failed.
 
 Each model verdict lists its reasons: the features that moved the risk most, measured by setting
 each feature back to its training median (occlusion) and re-scoring, put in words.
