@@ -205,23 +205,6 @@ def _ts_of(pick):
     return fn
 
 
-def _ts_of(pick):
-    def fn(X, TS, M, c, p, e):
-        rows = np.arange(len(c))
-        if pick == "last":
-            idx = np.maximum(c - 1, 0)
-        elif pick == "first":
-            idx = np.zeros(len(c), dtype=np.int64)
-        else:
-            fill = np.inf if pick == "min" else -np.inf
-            Z = np.where(M & ~np.isnan(X), X, fill)
-            # the last occurrence of the extreme value, as Prometheus' <= / >= scan keeps it
-            rev = Z[:, ::-1]
-            idx = Z.shape[1] - 1 - (rev.argmin(axis=1) if pick == "min" else rev.argmax(axis=1))
-        return TS[rows, idx] / 1000.0
-    return fn
-
-
 def changes(X, TS, M, c, p, e):
     prev, cur = X[:, :-1], X[:, 1:]
     changed = ~((cur == prev) | (np.isnan(cur) & np.isnan(prev)))
