@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/ingest.py [--nodes 16] [--minutes 30] [--step 10] [--clients 8]
 
 1. Renders a simulated fleet (agent.simulate: mixed B200 / Trainium2 nodes, every catalog metric)
-   for --minutes of history ending an hour ago, and encodes each node's collection at each step
+   for --minutes of history ending at the last UTC midnight at least an hour ago (a closed day,
+   so the daily merge runs), and encodes each node's collection at each step
    twice: as the agent's OTLP/HTTP request (agent.export.otlp.encode_request, gzip, as agents
    send it) and as a Prometheus remote-write 1.0 request with the same series and samples
    (snappy). Encoding is done before any clock starts.
@@ -15,9 +16,12 @@
    pushes the remote-write requests the same way. (Prometheus acknowledges after appending to
    its head and WAL; it does not fsync per request.)
 4. Bytes per sample, on the same data:
-   - collector: the maintenance job compacts the (closed) history sorted by series; the
-     collector is stopped (CHECKPOINT), and the DuckDB file size is divided by the samples. The
-     samples table alone is also measured by copying it into a fresh DuckDB file.
+   - collector: ingest runs with the maintenance job held off (as in steady state, where an hour
+     is compacted once, after it closed, not while its samples arrive); then the collector is
+     restarted with a 2 s maintenance interval and runs its passes (rollups, hourly compaction,
+     the daily merge) until the day is merged; it is stopped (CHECKPOINT), and the DuckDB file
+     size is divided by the samples. Each table is also copied as it lies into a fresh DuckDB
+     file (bytes per sample per table), and the samples alone sorted by (series_id, ts).
    - Prometheus: POST /api/v1/admin/tsdb/snapshot writes the head into a persistent block (the
      same compressed format as a head compaction); the snapshot's size / samples.
 Prints one JSON document with both figures and the ratios.
@@ -59,7 +63,7 @@ def render(nodes: int, minutes: int, step_s: int):
     from collector.receive.otlp import Translator
     from collector.receive.remote_write import WriteRequest
 
-    end_ms = (int(time.time()) - 3600) // step_s * step_s * 1000
+    end_ms = (int(time.time()) - 3600) // 86_400 * 86_400 * 1000   # a UTC midnight: a closed day
     start_ms = end_ms - minutes * 60_000
     sc = build_scenario(1, start_ms, minutes * 60, nodes, None, 0.25)
     renderer = Renderer(sc, step_s, "all")
@@ -140,38 +144,59 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
-    port = free_port()
-    db = tmp / "collector.duckdb"
+def _start_collector(tmp: Path, port: int, db: Path, clients: int, maintenance_s: float, log):
     cfg = tmp / "collector.yaml"
     cfg.write_text(yaml.safe_dump({
         "ingest": {"max_inflight": clients, "queue_timeout_s": 30},
-        "storage": {"maintenance_interval_s": 2, "compact_after_s": 0},
+        "storage": {"maintenance_interval_s": maintenance_s, "compact_after_s": 0},
         "rules": {"self_metrics": False}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "shopfloor", "collector", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
            "--db", str(db), "--log-level", "warning"]
-    log = open(tmp / "collector.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/-/healthy", 120, proc)
+    return proc
+
+
+def _stop_collector(proc) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)   # graceful: the collector CHECKPOINTs on the way out
+    proc.wait(120)
+
+
+def _sql(url: str, query: str):
+    return httpx.post(url + "/api/v1/sql", json={"query": query}, timeout=60).json()["data"]["rows"]
+
+
+def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
+    port = free_port()
+    db = tmp / "collector.duckdb"
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "collector.log", "wb")
+    proc = None
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/-/healthy", 120, proc)
+        proc = _start_collector(tmp, port, db, clients, 86_400, log)   # no maintenance pass while pushing
         elapsed, accepted = push(url + "/v1/metrics", [(n, s, o, k) for n, s, o, _, k in batches], clients,
                                  {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})
-        # wait for the maintenance job to compact every closed hour of the history
-        target = (end_ms // 3_600_000 + 1) * 3_600_000
-        deadline = time.monotonic() + 600
+        _stop_collector(proc)
+        proc = _start_collector(tmp, port, db, clients, 2, log)
+        # wait for the maintenance job to compact every closed hour and merge the closed day
+        day_end = ((end_ms - 1) // 86_400_000 + 1) * 86_400_000
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
-            r = httpx.post(url + "/api/v1/sql", json={"query": "SELECT done_until FROM maintenance_state "
-                                                                "WHERE job = 'compact'"}).json()
-            rows = r["data"]["rows"]
-            if rows and rows[0][0] >= target:
+            rows = _sql(url, "SELECT done_until FROM maintenance_state WHERE job = 'merge'")
+            if rows and rows[0][0] >= day_end:
                 break
             time.sleep(1)
-        stored = httpx.post(url + "/api/v1/sql", json={"query": "SELECT count(*) FROM samples"}).json()["data"]["rows"][0][0]
+        else:
+            raise RuntimeError("the maintenance job did not merge the day in 15 minutes")
+        stored = _sql(url, "SELECT count(*) FROM samples")[0][0]
+    except Exception:
+        log.flush()
+        sys.stderr.write((tmp / "collector.log").read_text(errors="replace")[-4000:])
+        raise
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)   # graceful: the collector CHECKPOINTs on the way out
-        proc.wait(120)
+        if proc is not None:
+            _stop_collector(proc)
         log.close()
     import duckdb
 
@@ -181,6 +206,20 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
     _, _, block_size, _, used_blocks, free_blocks, *_ = con.execute("PRAGMA database_size").fetchall()[0]
     con.execute(f"ATTACH '{tmp / 'samples-only.duckdb'}' AS samples_copy")
     con.execute("CREATE TABLE samples_copy.samples AS SELECT * FROM samples ORDER BY series_id, ts")
+    per_table = {}
+    for table in ("samples_cold", "samples_hot", "rollup_5m_data", "rollup_1h_data", "series", "ingest_batches"):
+        copy = tmp / f"table-{table}.duckdb"
+        con.execute(f"ATTACH '{copy}' AS table_copy")
+        con.execute(f"CREATE TABLE table_copy.t AS SELECT * FROM {table}")   # as it lies (same order)
+        rows = con.execute("SELECT count(*) FROM table_copy.t").fetchall()[0][0]
+        con.execute("DETACH table_copy")
+        empty = tmp / f"table-{table}-empty.duckdb"   # a file's fixed overhead, left out
+        con.execute(f"ATTACH '{empty}' AS table_copy")
+        con.execute(f"CREATE TABLE table_copy.t AS SELECT * FROM {table} LIMIT 0")
+        con.execute("DETACH table_copy")
+        size = copy.stat().st_size - empty.stat().st_size
+        per_table[table] = {"rows": rows, "bytes_per_sample": round(size / stored, 3),
+                            "bytes_per_row": round(size / max(rows, 1), 2)}
     con.close()
     return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "stored_samples": stored,
             "samples_per_s": round(accepted / elapsed),
@@ -188,6 +227,7 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
             "db_used_bytes": used_blocks * block_size, "db_free_blocks": free_blocks,
             "bytes_per_sample_db_used": round(used_blocks * block_size / stored, 3),
             "bytes_per_sample_samples_table": round((tmp / "samples-only.duckdb").stat().st_size / stored, 3),
+            "bytes_per_sample_per_table_copy": per_table,
             "samples_compression": [list(r) for r in compression]}
 
 

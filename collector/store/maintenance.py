@@ -121,10 +121,12 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
                 return 0
             start = first // HOUR * HOUR
     hours = 0
+    cur = store.cursor()   # reads outside the write lock need their own cursor: the writer's
+    #                        connection refuses a second concurrent call
     while start + HOUR <= closed:
         # Jump over hours with nothing to move (old or sparse data must not cost a transaction
         # per empty hour).
-        first = _min_ts(con, "samples_hot", "ts")
+        first = _min_ts(cur, "samples_hot", "ts")
         if first is None or first >= closed:
             break
         start = max(start, first // HOUR * HOUR)
@@ -150,6 +152,85 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
     if hours:
         checkpoint(store)
     return hours
+
+
+def merge_days(store) -> int:
+    """Rewrite every UTC day whose hours are all compacted as one sort by (series_id, ts), and
+    its rollup rows by (series_id, bucket); returns the days rewritten.
+
+    Hourly compaction leaves a series in runs of one hour (360 samples at 10 s). DuckDB packs a
+    column in groups of 2048 values, so most groups straddle series boundaries where `ts` jumps
+    back an hour and the whole group is bit-packed at ~22 bits per timestamp. A day-long run
+    (8,640 samples) fills whole groups with evenly spaced timestamps (near zero bits). Rollup
+    rows are appended a bucket at a time across all series; sorted per series their values are
+    similar and compress far better. Done in transactions of ~MERGE_ROWS samples (a range of
+    series ids each), so ingest waits for one chunk at most and memory stays bounded; a day
+    interrupted half-way is merged again from the start (the rewrite is idempotent).
+    Duplicates of (series_id, ts) that reached samples_cold in different compactions (late
+    samples) are collapsed to the last one written, as compaction does.
+    """
+    cur = store.cursor()
+    compacted = _get(cur, "compact")
+    if compacted is None:
+        return 0
+    day = _get(cur, "merge")
+    days = 0
+    while True:
+        first = cur.execute("SELECT min(ts) FROM samples_cold WHERE ts >= ?",
+                            [-(1 << 62) if day is None else day]).fetchall()[0][0]
+        if first is None:
+            break
+        day = int(first) // DAY * DAY   # jump over days without cold data
+        if day + DAY > compacted:
+            break
+        _merge_day(store, cur, day)
+        days += 1
+        day += DAY
+    if days:
+        checkpoint(store)
+    return days
+
+
+MERGE_ROWS = 4_000_000   # samples per merge transaction (~100 MB of DuckDB memory at most)
+_NO_ID = 1 << 40          # beyond any INTEGER series id
+
+
+def _merge_day(store, cur, day: int) -> None:
+    n, lo, hi = cur.execute("SELECT count(*), min(series_id), max(series_id) FROM samples_cold "
+                            "WHERE ts >= ? AND ts < ?", [day, day + DAY]).fetchall()[0]
+    parts = max(1, -(-int(n) // MERGE_ROWS))
+    width = (int(hi) - int(lo)) // parts + 1
+    edges = [-_NO_ID] + [int(lo) + k * width for k in range(1, parts)] + [_NO_ID]
+    con = store.con
+    for first_id, end_id in zip(edges, edges[1:]):
+        with store.write_lock:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                for table, col, value in (
+                        ("samples_cold", "ts", "arg_max(value, rowid) AS value"),
+                        ("rollup_5m_data", "bucket", None),
+                        ("rollup_1h_data", "bucket", None)):
+                    _rewrite_sorted(con, table, col, value, [day, day + DAY, first_id, end_id])
+                if end_id == _NO_ID:
+                    _set(con, "merge", day + DAY)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+
+
+def _rewrite_sorted(con, table: str, col: str, value: str | None, params: list) -> None:
+    """Delete the rows of a time x series-id range of `table` and append them again sorted by
+    (series_id, col); `value`, when given, collapses duplicate (series_id, col) rows."""
+    where = f"{col} >= ? AND {col} < ? AND series_id >= ? AND series_id < ?"
+    select = (f"SELECT series_id, {col}, {value} FROM {table} WHERE {where} GROUP BY series_id, {col}"
+              if value else f"SELECT * FROM {table} WHERE {where}")
+    # Through a temporary table: the new rows must not be deleted with the old ones (the
+    # temporary table goes away with a rollback too).
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _merge AS {select}", params)
+    con.execute(f"DELETE FROM {table} WHERE {where}", params)
+    con.execute(f"INSERT INTO {table} SELECT * FROM _merge ORDER BY series_id, {col}")
+    con.execute("DROP TABLE _merge")
 
 
 def checkpoint(store) -> bool:
@@ -244,6 +325,7 @@ def run_once(ctx, now_ms: int | None = None) -> dict:
         ctx.writer.mark_dirty(dirty)   # retried by the next pass
         raise
     done["compacted_hours"] = compact(ctx.store, now_ms, int(storage.compact_after_s * 1000))
+    done["merged_days"] = merge_days(ctx.store)
     if storage.export_dir:
         done["exported_days"] = export_days(ctx.store, storage.export_dir, now_ms)
     done.update(retention(ctx.store, now_ms, int(storage.retention_raw * 1000),

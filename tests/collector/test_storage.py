@@ -181,3 +181,44 @@ def test_old_and_sparse_data_do_not_stall_maintenance(tmp_path):
     done = maintenance.run_once(ctx, now_ms=T0 + 1000 * 24 * H)
     assert done["compacted_hours"] == 2 and len(done["exported_days"]) == 2
     assert done["raw_deleted"] == 2 * 60 * 3   # rolled up, exported, then past raw retention
+
+
+def test_closed_days_are_merged_into_one_sort_per_day(tmp_path):
+    """Hourly compaction leaves hour-long runs per series; once every hour of a UTC day is
+    compacted the day is rewritten as one sort by (series_id, ts), rollups by (series_id, bucket),
+    with the same samples, duplicates of late samples collapsed, and the open day left alone."""
+    ctx = Ctx(tmp_path / "m.duckdb")
+    rows = fill(ctx.writer, T0 + 20 * H, T0 + 26 * H, step=60_000, series=4)   # 4 h of day 1, 2 h of day 2
+    maintenance.rollup(ctx.store, T0 + 27 * H, ctx.writer.take_dirty())
+    assert maintenance.compact(ctx.store, T0 + 23 * H, compact_after_ms=H) == 2   # hours 20, 21
+    # a late sample of hour 20 and a rewrite of an hour-21 sample: compacted apart from the rest
+    late = [("hw_power_watts", {"chip": "0", "rack": "r1"}, T0 + 20 * H + 30_000, -1.0),
+            ("hw_power_watts", {"chip": "3", "rack": "r1"}, T0 + 21 * H, 999.0)]
+    ctx.writer.write(late)
+    assert maintenance.compact(ctx.store, T0 + 27 * H, compact_after_ms=H) == 4
+    cur = ctx.store.cursor()
+    ids = [sid for sid, _, _ in ctx.store.select_series([Matcher("__name__", "=", "hw_power_watts")])]
+    before = ctx.store.fetch(ids, T0, T0 + 2 * 24 * H)
+    r5_before = cur.execute("SELECT * FROM rollup_5m_data ORDER BY series_id, bucket").fetchall()
+    assert len(before.ts) == len(rows) + 2   # the rewrite is kept twice until the merge
+    assert maintenance.merge_days(ctx.store) == 1   # day 2 has hours not yet compacted
+    assert maintenance.merge_days(ctx.store) == 0
+    after = ctx.store.fetch(ids, T0, T0 + 2 * 24 * H)
+    assert len(after.ts) == len(rows) + 1
+    got = dict(zip(zip(after.series_ids.tolist(), after.ts.tolist()), after.values.tolist()))
+    want = dict(zip(zip(before.series_ids.tolist(), before.ts.tolist()), before.values.tolist()))
+    want[(ids[3], T0 + 21 * H)] = 999.0
+    assert got == want
+    assert cur.execute("SELECT value FROM samples s JOIN series se ON se.id = s.series_id "
+                       "WHERE labels['chip'] = '3' AND ts = ?", [T0 + 21 * H]).fetchall() == [(999.0,)]
+    assert cur.execute("SELECT * FROM rollup_5m_data ORDER BY series_id, bucket").fetchall() == r5_before
+    # day 1 is now one sorted run: rows in physical order are sorted by (series_id, ts)
+    for table, col in (("samples_cold", "ts"), ("rollup_5m_data", "bucket"), ("rollup_1h_data", "bucket")):
+        order = cur.execute(f"SELECT series_id, {col} FROM {table} WHERE {col} < ? ORDER BY rowid",
+                            [T0 + 24 * H]).fetchnumpy()
+        key = order["series_id"].astype(np.int64) * (1 << 42) + (order[col] - T0)
+        assert len(key) > 4 and np.all(np.diff(key) > 0), table
+    # day 2's two compacted hours are still two runs (not sorted as one)
+    order = cur.execute("SELECT series_id FROM samples_cold WHERE ts >= ? ORDER BY rowid", [T0 + 24 * H]).fetchnumpy()
+    assert np.any(np.diff(order["series_id"]) < 0)
+    assert cur.execute("SELECT done_until FROM maintenance_state WHERE job = 'merge'").fetchone() == (T0 + 24 * H,)
