@@ -11,6 +11,7 @@ Entry points: Engine(store, limits).instant(query, time_s) and .range(query, sta
 
 from __future__ import annotations
 
+import heapq
 import re
 import threading
 import time
@@ -175,6 +176,64 @@ def selector_matchers(vs) -> list[list[Matcher]]:
 
 # --------------------------------------------------------------------------- evaluation
 
+class _Watchdog:
+    """One thread that interrupts queries past their deadline.
+
+    A threading.Timer per query started and stopped a thread for every evaluation (about 1 ms
+    of a 10 ms alert rule, benchmarks/rules_eval.py); this thread is started once and sleeps
+    until the earliest deadline.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._actions: dict[int, Any] = {}
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, action) -> int:
+        """Call action() at time.monotonic() >= deadline unless cancel(token) came first."""
+        with self._cond:
+            self._seq += 1
+            token = self._seq
+            self._actions[token] = action
+            heapq.heappush(self._heap, (deadline, token))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="promql-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == token:
+                self._cond.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self._cond:
+            self._actions.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._actions:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                action = self._actions.pop(token, None)
+            if action is not None:
+                try:
+                    action()
+                except Exception:  # noqa: BLE001 - the query may have just finished and closed its cursor
+                    pass
+
+
+_WATCHDOG = _Watchdog()
+
+
 class Evaluation:
     """State of one query: time range, store cursor, limits, counters."""
 
@@ -195,15 +254,13 @@ class Evaluation:
 
     def run(self, ast, times: np.ndarray):
         """Evaluate the query, interrupting a DuckDB read that is still running at the deadline."""
-        timer = threading.Timer(self.limits.timeout_s, self.cur.interrupt)
-        timer.daemon = True
-        timer.start()
+        token = _WATCHDOG.watch(self.deadline, self.cur.interrupt)
         try:
             return self.eval(ast, times)
         except duckdb.InterruptException:
             raise PromQLError("query timed out in expression evaluation", "timeout") from None
         finally:
-            timer.cancel()
+            _WATCHDOG.cancel(token)
             self.cur.close()
 
     def check_deadline(self) -> None:

@@ -86,3 +86,41 @@ def test_label_replace_takes_re2_inline_flags(engine):
     assert res.value == [({"__name__": "m", "a": "x", "b": "x"}, 0.0)]
     res = engine.instant('label_replace(m, "b", "$1", "a", "(x)(?i)Y")', 0)   # no match: unchanged
     assert res.value == [({"__name__": "m", "a": "x"}, 0.0)]
+
+
+def test_watchdog_fires_due_actions_and_skips_cancelled_ones():
+    import threading
+    import time
+
+    from collector.promql.engine import _Watchdog
+
+    dog = _Watchdog()
+    fired = threading.Event()
+    cancelled = []
+    late = dog.watch(time.monotonic() + 0.05, lambda: cancelled.append("late"))
+    dog.cancel(late)
+    dog.watch(time.monotonic() + 0.02, fired.set)
+    assert fired.wait(5)
+    time.sleep(0.1)
+    assert cancelled == []
+
+
+def test_long_duckdb_read_is_interrupted_at_the_deadline():
+    store = Store(":memory:")
+    store.con.execute("CREATE TABLE big AS SELECT range AS x FROM range(10)")
+    eng = Engine(store, {"timeout_s": 0.2})
+    from collector.promql.engine import Evaluation
+    ev = Evaluation(eng, 0, 0, 0, {})
+    cur = ev.cur
+
+    class Slow:   # stands in for an AST node whose evaluation is one very slow DuckDB read
+        pass
+
+    def eval_Slow(node, times):
+        cur.execute("SELECT count(*) FROM range(100000000000) a").fetchall()
+
+    ev.eval_Slow = eval_Slow
+    with pytest.raises(PromQLError, match="timed out"):
+        ev.run(Slow(), None)
+    del ev.eval_Slow     # break the evaluation <-> cursor cycle before the store closes
+    store.close()
