@@ -32,6 +32,7 @@ from .values import (NAME, PromQLError, RangeVector, Scalar, String, Vector, dro
 DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
 SERIES_CACHE_ENTRIES = 512          # selector -> selected series, shared by the engine's queries
+SMALL_READ_ROWS = 20_000             # Evaluation.load: fetchnumpy below, Arrow above
 SELECT_CHUNK_CELLS = 1 << 20        # series x steps looked up at once by an instant selector
 
 
@@ -351,24 +352,35 @@ class Evaluation:
         the time an ORDER BY takes.
         """
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
-        # execute().fetchnumpy() measured ~2 ms a query faster than sql(params=...).to_arrow_table()
-        # here (the relation API binds and prepares the statement twice); benchmarks/rules_eval.py.
-        res = self.cur.execute(
-            "SELECT series_id, ts, value FROM samples "
-            # The BETWEEN on series_id lets DuckDB skip row groups by their min/max statistics
-            # once compaction has clustered samples by series; ts prunes the same way.
-            "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
-            "AND ts BETWEEN ? AND ?",
-            [int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]).fetchnumpy()
-        sids = np.asarray(res["series_id"], dtype=np.int64)
-        ts = np.asarray(res["ts"], dtype=np.int64)
-        values = res["value"]
-        if np.ma.isMaskedArray(values):              # NULL (stale) comes back masked
-            stale = np.ma.getmaskarray(values)
-            values = values.filled(np.nan)
+        sql = ("SELECT series_id, ts, value FROM samples "
+               # The BETWEEN on series_id lets DuckDB skip row groups by their min/max statistics
+               # once compaction has clustered samples by series; ts prunes the same way.
+               "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
+               "AND ts BETWEEN ? AND ?")
+        params = [int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]
+        # Two ways out of DuckDB, each faster on its side of a few ten thousand rows (measured
+        # with benchmarks/rules_eval.py and benchmarks/query.py): execute().fetchnumpy() saves the
+        # relation API's second bind (~2 ms, most of a small alert-rule read), Arrow hands large
+        # columns over without a per-value conversion (3x faster at a million rows). The row
+        # count is guessed at one sample a minute, Prometheus' default scrape interval.
+        if len(ids) * ((int(end_ms) - int(start_ms)) // 60_000 + 1) <= SMALL_READ_ROWS:
+            res = self.cur.execute(sql, params).fetchnumpy()
+            sids = np.asarray(res["series_id"], dtype=np.int64)
+            ts = np.asarray(res["ts"], dtype=np.int64)
+            values = res["value"]
+            if np.ma.isMaskedArray(values):              # NULL (stale) comes back masked
+                stale = np.ma.getmaskarray(values)
+                values = values.filled(np.nan)
+            else:
+                stale = np.zeros(len(values), dtype=bool)
+            values = np.asarray(values, dtype=np.float64)
         else:
-            stale = np.zeros(len(values), dtype=bool)
-        values = np.asarray(values, dtype=np.float64)
+            table = self.cur.sql(sql, params=params).to_arrow_table()
+            sids = np.asarray(table.column("series_id").to_numpy(), dtype=np.int64)
+            ts = np.asarray(table.column("ts").to_numpy(), dtype=np.int64)
+            col = table.column("value")
+            values = np.asarray(col.to_numpy(), dtype=np.float64)    # NULL (stale) -> NaN
+            stale = col.is_null().to_numpy() if col.null_count else np.zeros(len(values), dtype=bool)
         self.count_samples(len(ts))
         row_of = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
         row_of[ids] = np.arange(len(ids))
