@@ -540,6 +540,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         temp_mean_24h=_roll("temp_mean", 24) / _count("temp_mean", 24).clip(1, None),
         temp_base=rate_base("temp_mean"),
         thermal_margin=fwd("temp_slowdown", 24) - pl.col("temp_max"),
+        thermal_margin_24h=fwd("temp_slowdown", 24) - pl.col("temp_max").rolling_max(24, min_samples=1).over("eid"),
         hot_6h=_roll("hot", 6),
         mem_temp_max_24h=pl.col("mem_temp_max").rolling_max(24, min_samples=1).over("eid"),
         throttle_6h=_roll("throttle_thermal", 6) / _count("throttle_thermal", 6).clip(1, None),
@@ -563,7 +564,11 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         nvlink_ratio=(pl.col("nvlink_24h") / 24) / pl.max_horizontal(pl.col("nvlink_base"), pl.lit(floor)),
         temp_drift=pl.col("temp_mean_24h") - pl.col("temp_base"),
         temp_max_drift=pl.col("temp_max_24h") - pl.col("temp_max_base"),
-        efa_retrans_ratio=pl.col("efa_retrans_1h") / pl.max_horizontal(pl.col("efa_retrans_base"), pl.lit(floor)),
+        # the live service evaluates every few minutes: in the current, partial hour the count covers
+        # only the minutes so far, so it is scaled to an hourly rate (over at least 10 minutes, so one
+        # early sample makes no surge); a complete hour is unchanged
+        efa_retrans_ratio=pl.col("efa_retrans_1h") / ((pl.col("t_ms") - pl.col("hour") * HOUR_MS) / HOUR_MS).clip(1 / 6, 1)
+        / pl.max_horizontal(pl.col("efa_retrans_base"), pl.lit(floor)),
     )
     return g
 

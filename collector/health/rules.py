@@ -42,6 +42,19 @@ REMAP_ECC_24H = 3          # a pending remap and correctable errors still coming
 PCIE_SURGE_24H, PCIE_SURGE_RATIO = 10, 10
 NVLINK_SURGE_24H, NVLINK_SURGE_RATIO = 20, 5
 NEURON_HW_24H = 3
+# Thermal drift (failure-model.md: temperature drifts up over 3-30 days before a thermal failure; a
+# busy chip at its normal heat rarely reaches the slowdown temperature even then, so the "hot"
+# rule alone misses most): the hottest hour of the last day this far above the hottest of the week
+# before, with the chip this close to its slowdown temperature (margin from NVML's own threshold,
+# so the rule holds across GPU models).
+THERMAL_DRIFT_C = 3
+THERMAL_DRIFT_MARGIN_C = 10
+# EFA retransmits surging on a node (healthy: ~2/s per busy port; a failing NIC or cable rises
+# 10-1000x within minutes to hours of failing): the last hour far above the node's 7-day hourly mean.
+# A node idle for its whole baseline week has no mean to compare with (its first busy hour would
+# look like a surge): the rule needs a baseline of real traffic.
+EFA_RETRANS_RATIO = 40
+EFA_RETRANS_MIN_BASE = 10_000   # retransmits per hour, 7-day mean
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,12 @@ CHIP_RULES: tuple[Rule, ...] = (
          State.DEGRADED, Action.DRAIN,
          _f("sustained thermal trouble: at the slowdown temperature {} of the last 6 h, throttled {}% of the time",
             pl.col("hot_6h").fill_null(0).cast(pl.Int64), (_n("throttle_6h") * 100).round(0).cast(pl.Int64))),
+    Rule("thermal_drift", (_n("temp_max_drift") >= THERMAL_DRIFT_C)
+         & (pl.col("thermal_margin_24h").fill_null(1e9) <= THERMAL_DRIFT_MARGIN_C) & nvidia & reporting,
+         State.DEGRADED, Action.DRAIN,
+         _f("temperature drifting up: hottest {} C in 24 h, {} C above the week before, {} C below slowdown",
+            pl.col("temp_max_24h").round(0).cast(pl.Int64), pl.col("temp_max_drift").round(0).cast(pl.Int64),
+            pl.col("thermal_margin_24h").round(0).cast(pl.Int64))),
     Rule("recovery_reset", _n("recovery_action").is_in([1.0, 4.0]), State.FAILING, Action.RESET_GPU,
          pl.lit("the driver's recovery action asks for a GPU reset")),
     Rule("recovery_reboot", _n("recovery_action") == 2, State.FAILING, Action.REBOOT_NODE,
@@ -127,6 +146,10 @@ NODE_RULES: tuple[Rule, ...] = (
     Rule("efa_unresponsive", _n("efa_unresp_1h") >= EFA_UNRESPONSIVE, State.DEGRADED, Action.DRAIN,
          _f("{} unresponsive-remote EFA events in the last hour (a failing NIC or cable)",
             pl.col("efa_unresp_1h").cast(pl.Int64))),
+    Rule("efa_retransmit_surge", (_n("efa_retrans_ratio") >= EFA_RETRANS_RATIO) & (_n("efa_retrans_base") >= EFA_RETRANS_MIN_BASE),
+         State.DEGRADED, Action.DRAIN,
+         _f("EFA retransmits at {}x the node's 7-day mean rate ({} this hour): a failing NIC or cable",
+            pl.col("efa_retrans_ratio").round(0).cast(pl.Int64), pl.col("efa_retrans_1h").cast(pl.Int64))),
     Rule("efa_port_down", (pl.col("net_up_max") == 0), State.DEGRADED, Action.DRAIN,
          pl.lit("an EFA port was down for the whole last hour")),
     Rule("efa_port_flapping", _n("efa_flap_hours_6h") >= FLAP_HOURS, State.DEGRADED, Action.DRAIN,
@@ -164,7 +187,8 @@ def node_rules(grid: pl.DataFrame) -> pl.DataFrame:
     """Node-level rules over one row per node and hour (from any chip row: node signals are shared)."""
     nodes = grid.group_by(NODE_KEY + ["hour"]).agg(
         pl.col("rack").first(), pl.col("net_up_max").first(), pl.col("efa_flap_hours_6h").first(),
-        pl.col("efa_unresp_1h").first())
+        pl.col("efa_unresp_1h").first(), pl.col("efa_retrans_1h").first(), pl.col("efa_retrans_base").first(),
+        pl.col("efa_retrans_ratio").first())
     return _apply(nodes, NODE_RULES, NODE_KEY)
 
 

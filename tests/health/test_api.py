@@ -98,3 +98,22 @@ def test_live_fate_sharing_with_a_job_label(tmp_path):
     assert len(storms) == 1 and storms[0].job == "77" and "XID 79 on 3 nodes of job 77" in storms[0].reasons[0]
     assert not any(v.action.takes_out_of_service for v in vs)
     ctx.store.close()
+
+
+def test_live_job_catches_an_efa_retransmit_surge_within_the_hour(tmp_path):
+    """The live job runs every few minutes on the current, partial hour: a NIC failing within the
+    hour is drained before the hour ends (the hourly backtest cannot show this)."""
+    surge = START_MS + 8 * 24 * HOUR + 10 * HOUR          # at the top of an hour
+    now = surge + 20 * 60_000                              # the job runs 20 min later
+    t = Trace(nodes=2, chips=1, hours=8 * 24 + 11).baseline()
+    t.efa(0, {START_MS: 1800.0, surge: 1800.0 * 50})
+    t.efa(1, {START_MS: 1800.0})
+    t.rows = [r for r in t.rows if r[0] <= now]
+    ctx = make_context(from_dict({"db": str(tmp_path / "c.duckdb")}))
+    load(ctx.store, t)
+    live = LiveHealth(ctx.store, None, {"interval": 300})
+    by = {(v.chip.node, v.chip.chip): v for v in live.run_once(now_ms=now)}
+    v = by[("n000", "")]
+    assert (v.state.value, v.action.value) == ("degraded", "drain") and "EFA retransmits" in v.reasons[0], v
+    assert ("n001", "") not in by
+    ctx.store.close()

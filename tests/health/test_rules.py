@@ -4,6 +4,7 @@ stay healthy, and signals below the rule's threshold do not fire."""
 import polars as pl
 import pytest
 
+from agent.catalog import catalog
 from collector.health.evaluate import evaluate, verdicts
 from collector.health.features import load_trace
 from collector.health.verdict import Action, State
@@ -224,3 +225,38 @@ def test_trainium_hardware_errors_spread_over_a_day(tmp_path):
     vs, _ = run(tmp_path, t)
     v = only(vs, "n000", "1", State.DEGRADED, Action.DRAIN, "3 in 24 h")
     assert not any("in an hour" in r for r in v.reasons)
+
+
+DAY = 24 * HOUR
+
+
+def _replace_temperature(t: Trace, n: int, c: int, values: dict[int, float]):
+    """Chip (n, c) reports these die temperatures (held from each ts) instead of the baseline's."""
+    name, chip = catalog().prom("hw.temperature"), f'"chip":"{c}"'
+    t.rows = [r for r in t.rows if not (r[1] == name and f'"node":"{t.node(n)}"' in r[2] and chip in r[2])]
+    t.gauge(n, c, "hw.temperature", values, sensor="gpu")
+
+
+def test_thermal_drift_toward_slowdown(tmp_path):
+    # the slowdown limit is 87 C (tracegen); the baseline chips run at 55 C
+    t = Trace(nodes=2, chips=2, hours=9 * 24).baseline()
+    at = START_MS + 8 * DAY + 10 * HOUR
+    _replace_temperature(t, 0, 0, {START_MS: 70.0, at - 6 * HOUR: 78.0})       # +8 C, 9 C below slowdown
+    _replace_temperature(t, 1, 1, {START_MS: 55.0, at - 6 * HOUR: 70.0})       # +15 C but 17 C of margin left
+    _replace_temperature(t, 1, 0, {START_MS: 79.0})                            # hot, but always this hot
+    vs, _ = run(tmp_path, t, hour=8 * 24 + 10)
+    v = only(vs, "n000", "0", State.DEGRADED, Action.DRAIN, "temperature drifting up")
+    assert "8 C above the week before" in v.reasons[0] and "9 C below slowdown" in v.reasons[0], v.reasons
+
+
+def test_efa_retransmit_surge_is_a_node_verdict(tmp_path):
+    t = Trace(nodes=3, chips=1, hours=9 * 24).baseline()
+    at = START_MS + 8 * DAY + 10 * HOUR
+    t.efa(0, {START_MS: 1800.0, at - HOUR: 1800.0 * 50})     # 6/s, then 50x for the last hour
+    t.efa(1, {START_MS: 1800.0, at - HOUR: 1800.0 * 5})      # a busier hour: 5x is no surge
+    t.efa(2, {START_MS: 0.0, at - HOUR: 1800.0 * 50})        # idle all week: no baseline to judge by
+    vs, _ = run(tmp_path, t, hour=8 * 24 + 10)
+    v = vs[("n000", "")]
+    assert (v.state, v.action) == (State.DEGRADED, Action.DRAIN)
+    assert any("EFA retransmits" in r and "50x" in r for r in v.reasons), v.reasons
+    assert ("n001", "") not in vs and ("n002", "") not in vs

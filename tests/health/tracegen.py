@@ -97,6 +97,18 @@ class Trace:
             if cur is not None and ts < self.silent.get((n, c), 1 << 62):
                 self.add(ts, name, self.chip_labels(n, c, **extra), cur)
 
+    def efa(self, n: int, per_step: dict[int, float], counter: str = "retrans_pkts"):
+        """An EFA port counter on node n: `per_step` {from ts: increment per step}, each held
+        until the next (none before the first)."""
+        name = catalog().prom("hw.efa.port.stat")
+        labels = {"cluster": self.cluster, "node": self.node(n), "rack": self.rack(n), "device": "rdmap0",
+                  "port": "1", "counter": counter}
+        total, pts = 0.0, sorted(per_step.items())
+        for ts in self.steps():
+            rates = [v for t0, v in pts if t0 <= ts]
+            total += rates[-1] if rates else 0.0
+            self.add(ts, name, labels, total)
+
     def write(self, out: str) -> str:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         meta = {"version": 1, "seed": 0, "start_ms": START_MS, "duration_s": self.hours * 3600,
