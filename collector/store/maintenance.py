@@ -15,6 +15,8 @@ one step of one chunk):
    arriving late for an hour compacted before move with the next hour.
    Sorted, a row group holds long runs of one series with evenly spaced timestamps and similar
    values, which DuckDB's RLE, bit-packing (delta) and ALP compress to a few bits per column.
+   Then the daily merge (merge_days): a UTC day whose hours are all compacted is rewritten as
+   one sort, so each series is one day-long run (and its rollup rows one run per series).
 3. export (when storage.export_dir is set). Closed UTC days are written as Hive-partitioned
    Parquet: <export_dir>/day=YYYY-MM-DD/metric=<name>/part-0.parquet with columns
    ts TIMESTAMP(ms, UTC), labels MAP<string,string>, value DOUBLE (sorted by series, then ts).
