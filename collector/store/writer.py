@@ -136,7 +136,9 @@ class Writer:
             res.reason(f"invalid metric name {str(metric)[:80]!r}")
             return INVALID
         for k, v in items:
-            if not isinstance(k, str) or not LABEL_NAME.match(k) or k.startswith("__"):
+            # Like Prometheus' TSDB, other "__"-prefixed labels (e.g. __address__ from an
+            # un-relabelled remote-write sender) are stored; only __name__ is the metric itself.
+            if not isinstance(k, str) or not LABEL_NAME.match(k) or k == "__name__":
                 res.reason(f"{metric}: invalid label name {str(k)[:80]!r}")
                 return INVALID
             if not isinstance(v, str) or len(v) > MAX_LABEL_VALUE:
