@@ -142,55 +142,48 @@ def _groups(vec: Vector):
     return groups, bad
 
 
-def histogram_quantile(ev, q: np.ndarray, vec: Vector) -> Vector:
+def _per_bucket_group(vec: Vector, groups: dict, at_step) -> Vector:
+    """Apply at_step(t, les, counts) -> float to each histogram's present buckets at each step."""
     T = vec.values.shape[1]
+    labels, vals, pres = [], [], []
+    for g, members in groups.values():
+        rows = [i for i, _ in members]
+        les = [le for _, le in members]
+        V, P = vec.values[rows], vec.present[rows]
+        out = np.zeros(T)
+        ok = P.any(axis=0)
+        for t in np.flatnonzero(ok):
+            sel = P[:, t]
+            out[t] = at_step(t, [le for le, s in zip(les, sel) if s], list(V[sel, t]))
+        labels.append(g)
+        vals.append(out)
+        pres.append(ok)
+    if not labels:
+        return Vector.empty(T)
+    return Vector(labels, np.array(vals), np.array(pres)).drop_empty()
+
+
+def histogram_quantile(ev, q: np.ndarray, vec: Vector) -> Vector:
     groups, bad = _groups(vec)
     if bad:
         name = vec.labels[bad[0]].get(NAME, "")
         ev.infos.append(f'PromQL info: bucket label "le" is missing or has a malformed value of '
                         f'"{vec.labels[bad[0]].get("le", "")}" for metric name "{name}"')
-    labels, vals, pres = [], [], []
-    for g, members in groups.values():
-        rows = [i for i, _ in members]
-        les = [le for _, le in members]
-        V, P = vec.values[rows], vec.present[rows]
-        out = np.zeros(T)
-        ok = P.any(axis=0)
-        for t in np.flatnonzero(ok):
-            sel = P[:, t]
-            b = [le for le, s in zip(les, sel) if s]
-            c = list(V[sel, t])
-            out[t], forced = bucket_quantile(float(q[t]), b, c)
-            if forced:
-                ev.infos.append("PromQL info: input to histogram_quantile needed to be fixed for monotonicity")
-        labels.append(g)
-        vals.append(out)
-        pres.append(ok)
+
+    def at_step(t, les, counts):
+        value, forced = bucket_quantile(float(q[t]), les, counts)
+        if forced:
+            ev.infos.append("PromQL info: input to histogram_quantile needed to be fixed for monotonicity")
+        return value
+
+    result = _per_bucket_group(vec, groups, at_step)
     if ((q < 0) | (q > 1) | np.isnan(q)).any():
         bad_q = q[(q < 0) | (q > 1) | np.isnan(q)][0]
         ev.warnings.append(f"PromQL warning: quantile value should be between 0 and 1, got {format_value(float(bad_q))}")
-    if not labels:
-        return Vector.empty(T)
-    return Vector(labels, np.array(vals), np.array(pres)).drop_empty()
+    return result
 
 
 def histogram_fraction(ev, lower: np.ndarray, upper: np.ndarray, vec: Vector) -> Vector:
-    T = vec.values.shape[1]
     groups, _ = _groups(vec)
-    labels, vals, pres = [], [], []
-    for g, members in groups.values():
-        rows = [i for i, _ in members]
-        les = [le for _, le in members]
-        V, P = vec.values[rows], vec.present[rows]
-        out = np.zeros(T)
-        ok = P.any(axis=0)
-        for t in np.flatnonzero(ok):
-            sel = P[:, t]
-            out[t] = bucket_fraction(float(lower[t]), float(upper[t]),
-                                     [le for le, s in zip(les, sel) if s], list(V[sel, t]))
-        labels.append(g)
-        vals.append(out)
-        pres.append(ok)
-    if not labels:
-        return Vector.empty(T)
-    return Vector(labels, np.array(vals), np.array(pres)).drop_empty()
+    return _per_bucket_group(
+        vec, groups, lambda t, les, counts: bucket_fraction(float(lower[t]), float(upper[t]), les, counts))
