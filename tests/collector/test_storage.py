@@ -163,7 +163,7 @@ def test_store_reopens_with_series_cache(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [
-    ("bad-name", {}, 1, 1.0), ("ok", {"__x": "y"}, 1, 1.0), ("ok", {"a": 1}, 1, 1.0),
+    ("bad-name", {}, 1, 1.0), ("ok", {"__name__": "y"}, 1, 1.0), ("ok", {"a": 1}, 1, 1.0),
     ("ok", {"a": "b"}, "soon", 1.0), ("ok", {"a": "b"}, 1, "x"), ("ok", {"a": "b"}, 2**63, 1.0), ("only", "three"),
 ])
 def test_writer_rejects_bad_rows_with_a_reason(tmp_path, bad):
@@ -171,6 +171,15 @@ def test_writer_rejects_bad_rows_with_a_reason(tmp_path, bad):
     res = Writer(store).write([bad, ("fine", {"a": "b"}, 5, 2.0)])
     assert res.rejected == 1 and res.accepted == 1 and res.errors
     assert store.cursor().execute("SELECT count(*) FROM samples").fetchone()[0] == 1
+
+
+def test_writer_keeps_reserved_prefix_labels_like_prometheus():
+    """Prometheus' TSDB stores __-prefixed labels (e.g. an un-relabelled __address__); so do we."""
+    store = Store(":memory:")
+    res = Writer(store).write([("up", {"__address__": "10.0.0.1:9100", "job": "node"}, 5, 1.0)])
+    assert res.accepted == 1 and not res.errors
+    (sid, metric, labels), = store.select_series([Matcher("__address__", "=", "10.0.0.1:9100")])
+    assert metric == "up" and labels == {"__address__": "10.0.0.1:9100", "job": "node"}
 
 
 def test_old_and_sparse_data_do_not_stall_maintenance(tmp_path):
