@@ -33,7 +33,7 @@ from agent.catalog import catalog, prometheus_unit
 from collector.store.core import Matcher
 
 from .engine import Engine, Limits, Result, parse, selector_matchers
-from .values import NAME, PromQLError, format_value
+from .values import NAME, PromQLError, duration_seconds, format_value
 
 # Grafana reads this to decide which Prometheus features to use; 2.53 is a widely deployed LTS.
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ def success(data, warnings: list[str] | None = None, infos: list[str] | None = N
     return Response('{"status":"success","data":' + data_json + extra + "}", media_type="application/json")
 
 
-_DURATION_PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
-            "y": 31_536_000_000}
-
-
 def parse_time(value: str | None, name: str, default: float | None = None) -> float:
     """Unix seconds (float) or RFC 3339, as Prometheus accepts them."""
     if value is None or value == "":
@@ -101,15 +96,11 @@ def parse_duration_s(value: str, name: str) -> float:
         return d
     except ValueError:
         pass
-    pos, total = 0, 0
-    for m in _DURATION_PART.finditer(value):
-        if m.start() != pos:
-            break
-        total += int(m.group(1)) * _UNIT_MS[m.group(2)]
-        pos = m.end()
-    if pos != len(value) or not value:
-        raise PromQLError(f'invalid parameter "{name}": cannot parse "{value}" to a valid duration', "bad_data")
-    return total / 1000
+    try:
+        return duration_seconds(value)
+    except ValueError:
+        raise PromQLError(f'invalid parameter "{name}": cannot parse "{value}" to a valid duration',
+                          "bad_data") from None
 
 
 def _sample(t_s: float, v: float) -> list:

@@ -9,6 +9,7 @@ query is the same thing with T == 1.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,3 +153,22 @@ def format_value(v: float) -> str:
     if "e" in r or "E" in r:
         return np.format_float_positional(v, trim="-")
     return r[:-2] if r.endswith(".0") else r
+
+
+_ZERO_DURATION = re.compile(r"0+(ms|s|m|h|d|w|y)")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a Prometheus duration ("90s", "1h30m"), parsed by promql-parser's own grammar.
+
+    promql-parser refuses a zero duration (it is meant for range selectors), but a zero `for:`
+    or `step` spelled "0s" is valid elsewhere in Prometheus, so that one case is handled here.
+    Raises ValueError for anything else it cannot parse.
+    """
+    import promql_parser
+
+    text = text.strip()
+    if _ZERO_DURATION.fullmatch(text):
+        return 0.0
+    return promql_parser.parse_duration(text).total_seconds()
+

@@ -9,7 +9,6 @@ is refused with its file and rule named instead of failing later at evaluation.
 from __future__ import annotations
 
 import glob
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import promql_parser
 import yaml
 
 from collector.config import ConfigError
+from collector.promql.values import duration_seconds
 from collector.rules.template import Template, TemplateError
 
 _GROUP_KEYS = {"name", "interval", "rules", "limit", "query_offset"}
@@ -49,20 +49,15 @@ class GroupSpec:
     rules: list[RuleSpec]
 
 
-_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 365 * 86400}
-
-
 def _duration(value, where: str) -> float:
     """A Prometheus duration ("30s", "1h30m", or a number of seconds) in seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        text = str(value).strip()
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise RuleFileError(f"{where}: {value!r} is not a duration (e.g. 30s, 5m, 1h30m)")
-        seconds = sum(int(n) * _UNIT_S[u] for n, u in parts)
+        try:
+            seconds = duration_seconds(str(value))
+        except ValueError:
+            raise RuleFileError(f"{where}: {value!r} is not a duration (e.g. 30s, 5m, 1h30m)") from None
     if seconds < 0:
         raise RuleFileError(f"{where}: must not be negative")
     return seconds
