@@ -35,6 +35,8 @@ import os
 import time
 from pathlib import Path
 
+from collector.store.core import cold_insert_sql
+
 log = logging.getLogger(__name__)
 
 STEPS = {"5m": 300_000, "1h": 3_600_000}
@@ -81,9 +83,12 @@ def rollup(store, now_ms: int, dirty: set[int] | frozenset[int] = frozenset()) -
         old1 = sorted({b // step1 * step1 for b in old5 if b < start1})
         con.execute("BEGIN TRANSACTION")
         try:
-            n5 = _recompute(con, "rollup_5m_data", "samples", "ts", step5, start5, old5,
+            # samples_by_hour: the hour predicate lets the scan skip compacted row groups
+            # (a ts predicate cannot, see collector.store.core)
+            n5 = _recompute(con, "rollup_5m_data", "samples_by_hour", "ts", step5, start5, old5,
                             "min(value), max(value), sum(value), count(value), arg_max(value, ts)",
-                            " AND value IS NOT NULL AND NOT isnan(value)")
+                            " AND value IS NOT NULL AND NOT isnan(value)"
+                            f" AND hour >= {min([start5] + old5) // HOUR}")
             n1 = _recompute(con, "rollup_1h_data", "rollup_5m_data", "bucket", step1, start1, old1,
                             "min(min), max(max), sum(sum), sum(count)::INTEGER, arg_max(last, bucket)", "")
             # The watermark follows the wall clock (not the newest sample, which live data or
@@ -140,9 +145,9 @@ def compact(store, now_ms: int, compact_after_ms: int) -> int:
                 # whole row groups empty (hot rows arrive in time order), which a checkpoint frees.
                 # "ts < end", not "ts >= start AND ...": late samples of hours compacted before
                 # move along with this hour, so samples_hot only ever holds open hours.
-                con.execute(
-                    "INSERT INTO samples_cold SELECT series_id, ts, arg_max(value, rowid) AS value "
-                    "FROM samples_hot WHERE ts < ? GROUP BY series_id, ts ORDER BY series_id, ts", [end])
+                con.execute(cold_insert_sql(
+                    "SELECT series_id, ts, arg_max(value, rowid) AS value "
+                    "FROM samples_hot WHERE ts < $end GROUP BY series_id, ts"), {"end": end})
                 con.execute("DELETE FROM samples_hot WHERE ts < ?", [end])
                 _set(con, "compact", end)
                 con.execute("COMMIT")
@@ -178,11 +183,11 @@ def merge_days(store) -> int:
     day = _get(cur, "merge")
     days = 0
     while True:
-        first = cur.execute("SELECT min(ts) FROM samples_cold WHERE ts >= ?",
-                            [-(1 << 62) if day is None else day]).fetchall()[0][0]
+        first = cur.execute("SELECT min(hour) FROM samples_cold WHERE hour >= ?",
+                            [-(1 << 31) if day is None else day // HOUR]).fetchall()[0][0]
         if first is None:
             break
-        day = int(first) // DAY * DAY   # jump over days without cold data
+        day = int(first) * HOUR // DAY * DAY   # jump over days without cold data
         if day + DAY > compacted:
             break
         _merge_day(store, cur, day)
@@ -199,7 +204,7 @@ _NO_ID = 1 << 40          # beyond any INTEGER series id
 
 def _merge_day(store, cur, day: int) -> None:
     n, lo, hi = cur.execute("SELECT count(*), min(series_id), max(series_id) FROM samples_cold "
-                            "WHERE ts >= ? AND ts < ?", [day, day + DAY]).fetchall()[0]
+                            "WHERE hour >= ? AND hour < ?", [day // HOUR, (day + DAY) // HOUR]).fetchall()[0]
     parts = max(1, -(-int(n) // MERGE_ROWS))
     width = (int(hi) - int(lo)) // parts + 1
     edges = [-_NO_ID] + [int(lo) + k * width for k in range(1, parts)] + [_NO_ID]
@@ -208,11 +213,9 @@ def _merge_day(store, cur, day: int) -> None:
         with store.write_lock:
             con.execute("BEGIN TRANSACTION")
             try:
-                for table, col, value in (
-                        ("samples_cold", "ts", "arg_max(value, rowid) AS value"),
-                        ("rollup_5m_data", "bucket", None),
-                        ("rollup_1h_data", "bucket", None)):
-                    _rewrite_sorted(con, table, col, value, [day, day + DAY, first_id, end_id])
+                _rewrite_cold(con, [day // HOUR, (day + DAY) // HOUR, first_id, end_id])
+                for table in ("rollup_5m_data", "rollup_1h_data"):
+                    _rewrite_sorted(con, table, [day, day + DAY, first_id, end_id])
                 if end_id == _NO_ID:
                     _set(con, "merge", day + DAY)
                 con.execute("COMMIT")
@@ -221,17 +224,27 @@ def _merge_day(store, cur, day: int) -> None:
                 raise
 
 
-def _rewrite_sorted(con, table: str, col: str, value: str | None, params: list) -> None:
-    """Delete the rows of a time x series-id range of `table` and append them again sorted by
-    (series_id, col); `value`, when given, collapses duplicate (series_id, col) rows."""
-    where = f"{col} >= ? AND {col} < ? AND series_id >= ? AND series_id < ?"
-    select = (f"SELECT series_id, {col}, {value} FROM {table} WHERE {where} GROUP BY series_id, {col}"
-              if value else f"SELECT * FROM {table} WHERE {where}")
-    # Through a temporary table: the new rows must not be deleted with the old ones (the
-    # temporary table goes away with a rollback too).
-    con.execute(f"CREATE OR REPLACE TEMP TABLE _merge AS {select}", params)
+# Both rewrites go through a temporary table: the new rows must not be deleted with the old
+# ones (the temporary table goes away with a rollback too).
+
+def _rewrite_cold(con, params: list) -> None:
+    """Rewrite the samples_cold rows of an hour x series-id range as one sorted, shifted run
+    per series, collapsing duplicate (series_id, ts) rows to the last one written."""
+    where = "hour >= ? AND hour < ? AND series_id >= ? AND series_id < ?"
+    con.execute("CREATE OR REPLACE TEMP TABLE _merge AS SELECT series_id, ts, arg_max(value, rowid) AS value "
+                f"FROM samples_cold WHERE {where} GROUP BY series_id, ts", params)
+    con.execute(f"DELETE FROM samples_cold WHERE {where}", params)
+    con.execute(cold_insert_sql("SELECT series_id, ts, value FROM _merge"))
+    con.execute("DROP TABLE _merge")
+
+
+def _rewrite_sorted(con, table: str, params: list) -> None:
+    """Delete the rows of a bucket x series-id range of a rollup table and append them again
+    sorted by (series_id, bucket)."""
+    where = "bucket >= ? AND bucket < ? AND series_id >= ? AND series_id < ?"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _merge AS SELECT * FROM {table} WHERE {where}", params)
     con.execute(f"DELETE FROM {table} WHERE {where}", params)
-    con.execute(f"INSERT INTO {table} SELECT * FROM _merge ORDER BY series_id, {col}")
+    con.execute(f"INSERT INTO {table} SELECT * FROM _merge ORDER BY series_id, bucket")
     con.execute("DROP TABLE _merge")
 
 
@@ -266,7 +279,8 @@ def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int
     written = []
     root = Path(export_dir)
     while start + DAY + grace_ms <= now_ms:
-        first = cur.execute("SELECT min(ts) FROM samples WHERE ts >= ?", [start]).fetchall()[0][0]
+        first = cur.execute("SELECT min(ts) FROM samples_by_hour WHERE hour >= ? AND ts >= ?",
+                            [start // HOUR, start]).fetchall()[0][0]
         if first is None:
             break
         start = max(start, first // DAY * DAY)   # skip days without data
@@ -275,8 +289,10 @@ def export_days(store, export_dir: str | os.PathLike, now_ms: int, grace_ms: int
         day = dt.datetime.fromtimestamp(start / 1000, dt.timezone.utc).strftime("%Y-%m-%d")
         table = cur.sql(
             "SELECT se.metric AS metric, s.ts AS ts, se.labels AS labels, s.value AS value "
-            "FROM samples s JOIN series se ON se.id = s.series_id WHERE s.ts >= $1 AND s.ts < $2 "
-            "ORDER BY se.metric, s.series_id, s.ts", params=[start, start + DAY]).to_arrow_table()
+            "FROM samples_by_hour s JOIN series se ON se.id = s.series_id "
+            "WHERE s.hour >= $3 AND s.hour < $4 AND s.ts >= $1 AND s.ts < $2 "
+            "ORDER BY se.metric, s.series_id, s.ts",
+            params=[start, start + DAY, start // HOUR, (start + DAY) // HOUR]).to_arrow_table()
         if table.num_rows:
             ts = pc.cast(table["ts"], pa.timestamp("ms", tz="UTC"))
             data = pa.table({"ts": ts, "labels": table["labels"], "value": table["value"]})
@@ -308,8 +324,9 @@ def retention(store, now_ms: int, raw_ms: int, rollup_ms: int, exporting: bool,
         for job in ("rollup_5m",) + (("export",) if exporting else ()):
             mark = _get(con, job)
             limit = min(limit, mark if mark is not None else -(1 << 62))
-        raw = sum(con.execute(f"DELETE FROM {t} WHERE ts < ?", [limit]).fetchall()[0][0]
-                  for t in ("samples_cold", "samples_hot"))
+        raw = con.execute("DELETE FROM samples_cold WHERE hour <= ? AND ts < ?",
+                          [limit // HOUR, limit]).fetchall()[0][0]
+        raw += con.execute("DELETE FROM samples_hot WHERE ts < ?", [limit]).fetchall()[0][0]
         old5 = now_ms - (rollup_ms if rollup_5m_ms is None else rollup_5m_ms)
         r5 = con.execute("DELETE FROM rollup_5m_data WHERE bucket < ?", [old5]).fetchall()[0][0]
         r1 = con.execute("DELETE FROM rollup_1h_data WHERE bucket < ?", [now_ms - rollup_ms]).fetchall()[0][0]

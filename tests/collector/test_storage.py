@@ -98,7 +98,16 @@ def test_compressed_layout(tmp_path):
     kinds = {c: set() for c, _ in info}
     for c, comp in info:
         kinds[c].add(comp)
-    assert "Uncompressed" not in kinds["series_id"] | kinds["ts"], kinds
+    assert "Uncompressed" not in kinds["series_id"] | kinds["ts_shifted"] | kinds["shift"], kinds
+    # Each compacted hour is one evenly spaced ts_shifted sequence across series boundaries (what
+    # bit-packs to ~0 bits); only the 5 boundaries between the 6 hourly batches jump.
+    cur = ctx.store.cursor()
+    shifted = cur.execute("SELECT ts_shifted FROM samples_cold ORDER BY rowid").fetchnumpy()["ts_shifted"]
+    assert len(shifted) == 6 * 360 * 50
+    assert np.count_nonzero(np.diff(shifted) != 10_000) == 5
+    # ... and the virtual ts gives the samples back exactly
+    assert cur.execute("SELECT count(*), count(DISTINCT (series_id, ts)), min(ts), max(ts) FROM samples_cold"
+                       ).fetchall() == [(6 * 360 * 50, 6 * 360 * 50, T0, T0 + 6 * H - 10_000)]
 
 
 def test_retention_never_drops_what_is_not_rolled_up_or_exported(tmp_path):
@@ -231,3 +240,25 @@ def test_closed_days_are_merged_into_one_sort_per_day(tmp_path):
     order = cur.execute("SELECT series_id FROM samples_cold WHERE ts >= ? ORDER BY rowid", [T0 + 24 * H]).fetchnumpy()
     assert np.any(np.diff(order["series_id"]) < 0)
     assert cur.execute("SELECT done_until FROM maintenance_state WHERE job = 'merge'").fetchone() == (T0 + 24 * H,)
+
+
+def test_files_with_the_unshifted_cold_layout_are_rewritten_on_open(tmp_path):
+    """samples_cold(series_id, ts, value) from before the shifted layout: every sample survives."""
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE samples_hot (series_id INTEGER NOT NULL, ts BIGINT NOT NULL, value DOUBLE)")
+    con.execute("CREATE TABLE samples_cold (series_id INTEGER NOT NULL, ts BIGINT NOT NULL, value DOUBLE)")
+    con.execute("CREATE VIEW samples AS SELECT series_id, ts, value FROM samples_cold "
+                "UNION ALL SELECT series_id, ts, value FROM samples_hot")
+    rows = [(s, T0 + k * 15_000, None if k == 7 else float(s * 1000 + k)) for s in (3, 1, 2) for k in range(500)]
+    con.executemany("INSERT INTO samples_cold VALUES (?, ?, ?)", rows)
+    con.execute("INSERT INTO samples_hot VALUES (1, ?, 5.0)", [T0 + 10 * H])
+    con.close()
+    store = Store(str(path))
+    cur = store.cursor()
+    assert sorted(cur.execute("SELECT series_id, ts, value FROM samples_cold").fetchall()) == sorted(rows)
+    assert cur.execute("SELECT count(*) FROM samples").fetchall() == [(len(rows) + 1,)]
+    got = store.fetch([2], T0, T0 + H)
+    assert got.ts.tolist() == [T0 + k * 15_000 for k in range(241)]
+    assert got.stale.tolist() == [k == 7 for k in range(241)]
+    store.close()
