@@ -38,6 +38,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from agent.catalog import prometheus_label, prometheus_name
 from collector.receive.common import IngestError, IngestGate, decode_content, read_body
@@ -172,8 +173,15 @@ class Translator:
 
     def base_labels(self, resource) -> tuple[bytes, dict]:
         rkey = resource.SerializeToString()
+        return rkey, self.base_for(rkey, resource)
+
+    def base_for(self, rkey: bytes, resource=None) -> dict:
+        """Base labels of a serialized Resource (parsed from rkey when not given; DecodeError
+        when rkey is not a valid Resource)."""
         base = self._bases.get(rkey)
         if base is None:
+            if resource is None:
+                resource = Resource.FromString(rkey)
             base = {}
             for kv in resource.attributes:
                 if kv.key == "service.name":
@@ -185,7 +193,7 @@ class Translator:
             if len(self._bases) > 100_000:
                 self._bases.clear()
             self._bases[rkey] = base
-        return rkey, base
+        return base
 
     def translate(self, req: ExportMetricsServiceRequest, now_ms: int, out: "Resolved"):
         """Gauges and cumulative sums go straight to `out` (series ids); returns the rest as
@@ -287,6 +295,9 @@ class Translator:
             if sid is None:
                 point = NumberDataPoint.FromString(buf[start:i])
                 stale = bool(point.flags & FLAG_NO_RECORDED_VALUE)
+                # the walk above stops at exemplars (field 5), which upb writes before as_int
+                ts = point.time_unix_nano
+                value = float(point.as_int) if point.WhichOneof("value") == "as_int" else point.as_double
                 sid = self.writer.resolve(name, self._labels(base, point.attributes), out.result)
                 if sid is None:
                     out.result.limited += 1
@@ -389,6 +400,21 @@ class OtlpReceiver:
         self.gate = IngestGate(cfg.max_inflight, cfg.queue_timeout_s, cfg.retry_after_s)
         self.deltas = DeltaAccumulator()
         self.translator = Translator(self.deltas, ctx.writer)
+        # The compiled wire path (collector.receive.otlp_wire) is loaded in the background:
+        # numba compiles it once (~20 s, then cached on disk), and until it is ready every
+        # request takes the general path, which gives the same result.
+        self.wire = None
+        threading.Thread(target=self._load_wire, name="otlp-wire-compile", daemon=True).start()
+
+    def _load_wire(self) -> None:
+        try:
+            from collector.receive.otlp_wire import WirePath
+            t0 = time.perf_counter()
+            wire = WirePath(self.translator)
+            log.info("OTLP wire path ready in %.1f s", time.perf_counter() - t0)
+            self.wire = wire
+        except Exception:  # noqa: BLE001 - the general path still serves every request
+            log.exception("OTLP wire path unavailable; every request takes the general path")
 
     def _resolve_rows(self, rows: list, out: Resolved) -> None:
         """Histogram/summary/delta rows (built by the translator, so well-typed) -> series ids."""
@@ -407,13 +433,22 @@ class OtlpReceiver:
     def ingest(self, raw: bytes, encoding: str | None, content_type: str) -> ExportMetricsServiceResponse:
         """Decompress, decode, translate and commit one request (runs in a worker thread)."""
         body = decode_content(raw, encoding, self.ctx.config.ingest.max_decompressed_bytes)
-        req = decode_request(body, content_type)
         writer = self.ctx.writer
         # The batch key: a retried request carries the same bytes (see collector.store.writer).
         key = hashlib.blake2b(body, digest_size=16, person=b"otlp").digest()
         resp = ExportMetricsServiceResponse()
+        now_ms = int(time.time() * 1000)
+        wire = self.wire
+        if wire is not None and content_type == PROTOBUF:
+            res = WriteResult()
+            samples = wire.translate(body, now_ms, res)
+            if samples is not None:
+                sids, ts, values, stale = samples
+                result = writer.write_resolved(sids, ts, values, key, res, nulls=stale)
+                return self._answer(resp, result, 0, [])
+        req = decode_request(body, content_type)
         out = Resolved(WriteResult())
-        rows, delta_points, refused, reasons = self.translator.translate(req, int(time.time() * 1000), out)
+        rows, delta_points, refused, reasons = self.translator.translate(req, now_ms, out)
         if not delta_points:
             self._resolve_rows(rows, out)
             result = writer.write_resolved(out.sids, out.ts, out.values, key, out.result)
@@ -424,6 +459,9 @@ class OtlpReceiver:
                 result = writer.write_resolved(out.sids, out.ts, out.values, key, out.result)
                 if result.accepted:
                     self.deltas.totals.update(updates)
+        return self._answer(resp, result, refused, reasons)
+
+    def _answer(self, resp, result: WriteResult, refused: int, reasons: list[str]):
         self.ctx.ingest_metrics.count("otlp", result)
         if refused:
             self.ctx.ingest_metrics.samples.labels("otlp", "rejected").inc(refused)

@@ -220,16 +220,23 @@ class Writer:
         return self.write_resolved(sids, tss, vals, batch_key, res)
 
     def write_resolved(self, sids: Sequence[int], ts_ms: Sequence[int], values: Sequence[float | None],
-                       batch_key: bytes | None = None, res: WriteResult | None = None) -> WriteResult:
-        """Commit samples of series ids from resolve() (the fast path); ts_ms are checked here."""
+                       batch_key: bytes | None = None, res: WriteResult | None = None,
+                       nulls: np.ndarray | None = None) -> WriteResult:
+        """Commit samples of series ids from resolve() (the fast path); ts_ms are checked here.
+
+        Lists or numpy arrays (taken without a copy); a stale marker is a None value in a list,
+        or True in `nulls` beside a values array."""
         res = res or WriteResult()
         if len(sids) == 0:
             return res
         table = pa.table({"series_id": pa.array(sids, type=pa.int32()),
                           "ts": pa.array(ts_ms, type=pa.int64()),
-                          "value": pa.array(values, type=pa.float64())}, schema=_SAMPLES_SCHEMA)
+                          "value": pa.array(values, type=pa.float64(), mask=nulls)}, schema=_SAMPLES_SCHEMA)
         pending = self._pending_ids
-        new_ids = frozenset(s for s in set(sids) if s in pending) if pending else frozenset()
+        new_ids = frozenset()
+        if pending:
+            ids = np.unique(sids).tolist() if isinstance(sids, np.ndarray) else set(sids)
+            new_ids = frozenset(s for s in ids if s in pending)
         job = _Job(table, batch_key, new_ids)
         with self._queue_lock:
             self._queue.append(job)
