@@ -228,6 +228,16 @@ class TraceSource:
         src = self._src(start_ms, end_ms)
         return xid_rows(self.con, src, start_ms, end_ms) if src else _empty_xid_rows()
 
+    def node_samples(self, cluster: str, node: str, start_ms: int, end_ms: int) -> pl.DataFrame:
+        """Raw samples (ts, name, labels, value) of one node's health metrics in [start_ms, end_ms)."""
+        src = self._src(start_ms, end_ms)
+        if src is None:
+            return _empty_samples()
+        sql = (f"SELECT ts, name, labels, value FROM ({src}) WHERE ts >= ? AND ts < ? "
+               "AND name IN (SELECT unnest(?::VARCHAR[])) "
+               "AND json_extract_string(labels, '$.node') = ? AND json_extract_string(labels, '$.cluster') = ?")
+        return _query(self.con, sql, [start_ms, end_ms, metric_names(), node, cluster])
+
     def time_range(self) -> tuple[int, int]:
         if not self.files:
             raise ValueError(f"{self.dir}: the trace has no samples")
@@ -242,6 +252,25 @@ def _empty_series_hours() -> pl.DataFrame:
 
 def _empty_xid_rows() -> pl.DataFrame:
     return pl.DataFrame(schema={"key": pl.UInt64, "name": pl.String, "labels": pl.String, "ts": pl.Int64, "value": pl.Float64})
+
+
+def _empty_samples() -> pl.DataFrame:
+    return pl.DataFrame(schema={"ts": pl.Int64, "name": pl.String, "labels": pl.String, "value": pl.Float64})
+
+
+class FrameSource:
+    """Raw samples held in memory (ts, name, labels, value), read through the same SQL as the
+    other sources: the backtest replays a node's partial hours with it."""
+
+    def __init__(self, samples: pl.DataFrame):
+        self.con = duckdb.connect()
+        self.con.register("frame_samples", samples.to_arrow())
+
+    def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return series_hours(self.con, "SELECT ts, name, labels, value FROM frame_samples", start_ms, end_ms)
+
+    def xid_rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:
+        return xid_rows(self.con, "SELECT ts, name, labels, value FROM frame_samples", start_ms, end_ms)
 
 
 class StoreSource:

@@ -73,3 +73,24 @@ def test_cli_refuses_a_missing_trace(tmp_path):
     r = subprocess.run([PYTHON, "-m", "shopfloor", "health", "backtest", "--trace", str(tmp_path / "none")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_backtest_sees_a_nic_failure_within_the_hour_as_the_live_job_does(tmp_path):
+    """EFA retransmits surge 5 min into an hour and the NIC fails 40 min later: the live job
+    (every 5 min, the partial hour scaled to an hourly rate) drains the node before it fails; the
+    backtest replays those steps, so it counts the catch. Hour ends alone see it only after."""
+    hour0 = START_MS + 8 * 24 * HOUR + 10 * HOUR
+    surge, fail_ts = hour0 + 5 * 60_000, hour0 + 45 * 60_000
+    t = Trace(nodes=2, chips=1, hours=8 * 24 + 14).baseline()
+    t.efa(0, {START_MS: 1800.0, surge: 1800.0 * 50, fail_ts: 0.0})
+    t.efa(1, {START_MS: 1800.0})
+    t.failures.append({"ts": fail_ts, "rack": "r0", "node": "n000", "chip": "", "mode": "nic", "precursor_start": surge})
+    td = bt.read_trace(t.write(str(tmp_path / "trace")))
+    live = bt.score(td, None)
+    assert live["caught_before"] == 1 and live["precursor_recall"] == 1.0
+    # the first step whose partial hour shows the surge: 10 min in (a scaled rate needs 10 min of data)
+    assert live["lead_h_median"] == pytest.approx((fail_ts - hour0 - 10 * 60_000) / HOUR)
+    assert live["cordons"] == 1 and live["false_cordons"] == 0 and live["started_within_hour"] == 1
+    hourly = bt.score(td, None, subhour=False)
+    # the whole hour's rate (the surge ends at the failure, 40 of 60 min) stays under the rule's 40x
+    assert hourly["caught_before"] == 0 and hourly["cordons"] == 0 and hourly["started_within_hour"] == 0
