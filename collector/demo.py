@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             while sim.poll() is None:
                 time.sleep(1)
                 if t_end and time.monotonic() > t_end:
+                    print("--duration ran out during the backfill: the history is partial and the "
+                          "live fleet is skipped (give a longer --duration or a shorter --history)", flush=True)
                     break
             if sim.poll() not in (0, None):
                 print(f"shopfloor demo: the backfill failed: {sim.stderr.read()[-2000:]}", file=sys.stderr)
