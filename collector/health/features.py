@@ -442,6 +442,8 @@ def read_hours(source, start_ms: int, end_ms: int, chunk_hours: int = 24, carry:
 
 # ---------------------------------------------------------------------------- step 4: features
 BASELINE_H = 24 * 7          # the "normal" rate: the 7 days before the last 24 h
+GAP_MIN_HOURS_24H = 12       # hours of temperature behind a 24-h gap to the node (a day's half)
+GAP_MIN_HOURS_BASE = 72      # and behind its baseline: a chip new to the node has none yet
 
 # Feature columns of the model (documented in docs/health.md); rules read some of them too.
 MODEL_FEATURES = [
@@ -532,6 +534,10 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         sram_uncorr=pl.coalesce("sram_uncorr_agg", "sram_uncorr_vol"),
         efa_flap=pl.col("net_flap"),
         hot=(pl.col("temp_max") >= pl.col("temp_slowdown")).cast(pl.Float64),
+        # the chips of a node run the same job in the same air: a chip's gap to its node's median
+        # temperature compares it at equal load, so a cooling fault's slow rise stands out of
+        # the busy/idle swings every chip shares
+        temp_gap=pl.col("temp_mean") - pl.col("temp_mean").median().over(NODE_KEY + ["hour"]),
     )
     base_n = BASELINE_H + 24
 
@@ -568,6 +574,10 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         temp_max_base=pl.col("temp_max").shift(24).rolling_max(BASELINE_H, min_samples=1).over("eid"),
         temp_mean_24h=_roll("temp_mean", 24) / _count("temp_mean", 24).clip(1, None),
         temp_base=rate_base("temp_mean"),
+        temp_gap_24h=pl.when(_count("temp_gap", 24) >= GAP_MIN_HOURS_24H)
+        .then(_roll("temp_gap", 24) / _count("temp_gap", 24).clip(1, None)),
+        temp_gap_base=pl.when(_count("temp_gap", base_n) - _count("temp_gap", 24) >= GAP_MIN_HOURS_BASE)
+        .then(rate_base("temp_gap")),
         thermal_margin=fwd("temp_slowdown", 24) - pl.col("temp_max"),
         thermal_margin_24h=fwd("temp_slowdown", 24) - pl.col("temp_max").rolling_max(24, min_samples=1).over("eid"),
         hot_6h=_roll("hot", 6),
@@ -593,6 +603,7 @@ def features(r: Rollup, events: pl.DataFrame | None = None, end_hour: int | None
         nvlink_ratio=(pl.col("nvlink_24h") / 24) / pl.max_horizontal(pl.col("nvlink_base"), pl.lit(floor)),
         temp_drift=pl.col("temp_mean_24h") - pl.col("temp_base"),
         temp_max_drift=pl.col("temp_max_24h") - pl.col("temp_max_base"),
+        temp_gap_rise=pl.col("temp_gap_24h") - pl.col("temp_gap_base"),
         # the live service evaluates every few minutes: in the current, partial hour the count covers
         # only the minutes so far, so it is scaled to an hourly rate (over at least 10 minutes, so one
         # early sample makes no surge); a complete hour is unchanged

@@ -49,6 +49,11 @@ NEURON_HW_24H = 3
 # so the rule holds across GPU models).
 THERMAL_DRIFT_C = 3
 THERMAL_DRIFT_MARGIN_C = 10
+# The same drift seen against the chip's node: its mean temperature over the last 24 h minus its
+# node's median (same job, same air: equal load), this far above the same gap over the week
+# before. It needs neither the slowdown temperature nor a busy week: on seeds 303/404/505 no chip
+# without a thermal failure rose more than 2.8 C; the two failing ones passed 4 C 5-7 days ahead.
+THERMAL_GAP_RISE_C = 4
 # EFA retransmits surging on a node (healthy: ~2/s per busy port; a failing NIC or cable rises
 # 10-1000x within minutes to hours of failing): the last hour far above the node's 7-day hourly mean.
 # A node idle for its whole baseline week has no mean to compare with (its first busy hour would
@@ -134,6 +139,10 @@ CHIP_RULES: tuple[Rule, ...] = (
          _f("temperature drifting up: hottest {} C in 24 h, {} C above the week before, {} C below slowdown",
             pl.col("temp_max_24h").round(0).cast(pl.Int64), pl.col("temp_max_drift").round(0).cast(pl.Int64),
             pl.col("thermal_margin_24h").round(0).cast(pl.Int64))),
+    Rule("thermal_gap_rise", (_n("temp_gap_rise") >= THERMAL_GAP_RISE_C) & nvidia & reporting,
+         State.DEGRADED, Action.DRAIN,
+         _f("running {} C hotter than its node's median over 24 h, {} C more than the week before (a cooling fault)",
+            pl.col("temp_gap_24h").round(1), pl.col("temp_gap_rise").round(1))),
     Rule("recovery_reset", _n("recovery_action").is_in([1.0, 4.0]), State.FAILING, Action.RESET_GPU,
          pl.lit("the driver's recovery action asks for a GPU reset")),
     Rule("recovery_reboot", _n("recovery_action") == 2, State.FAILING, Action.REBOOT_NODE,

@@ -239,14 +239,36 @@ def _replace_temperature(t: Trace, n: int, c: int, values: dict[int, float]):
 
 def test_thermal_drift_toward_slowdown(tmp_path):
     # the slowdown limit is 87 C (tracegen); the baseline chips run at 55 C
-    t = Trace(nodes=2, chips=2, hours=9 * 24).baseline()
+    t = Trace(nodes=3, chips=2, hours=9 * 24).baseline()
     at = START_MS + 8 * DAY + 10 * HOUR
     _replace_temperature(t, 0, 0, {START_MS: 70.0, at - 6 * HOUR: 78.0})       # +8 C, 9 C below slowdown
-    _replace_temperature(t, 1, 1, {START_MS: 55.0, at - 6 * HOUR: 70.0})       # +15 C but 17 C of margin left
-    _replace_temperature(t, 1, 0, {START_MS: 79.0})                            # hot, but always this hot
+    for c in range(2):       # +15 C but 17 C of margin left (the whole node: a hotter job, not a drift)
+        _replace_temperature(t, 1, c, {START_MS: 55.0, at - 6 * HOUR: 70.0})
+    _replace_temperature(t, 2, 0, {START_MS: 79.0})                            # hot, but always this hot
     vs, _ = run(tmp_path, t, hour=8 * 24 + 10)
     v = only(vs, "n000", "0", State.DEGRADED, Action.DRAIN, "temperature drifting up")
     assert "8 C above the week before" in v.reasons[0] and "9 C below slowdown" in v.reasons[0], v.reasons
+
+
+def test_thermal_gap_rise_against_the_node(tmp_path):
+    """A chip warming against the other chips of its node (same job, same air) is drained long
+    before it nears the slowdown temperature; a whole node warming (a hotter job) is not, nor a
+    chip whose rise over its node stays under THERMAL_GAP_RISE_C."""
+    t = Trace(nodes=2, chips=4, hours=9 * 24).baseline()
+    at = START_MS + 8 * DAY + 10 * HOUR
+    since = at - 19 * HOUR   # the evaluated hour ends at `at` + 1 h: 20 of its 24 h are warmer
+    _replace_temperature(t, 0, 0, {START_MS: 55.0, since: 61.0})    # +6 C over its node for 20 of 24 h: +5 C
+    for c in range(4):                                              # node 1 runs a hotter job: all of it rises
+        _replace_temperature(t, 1, c, {START_MS: 55.0, since: 65.0 + (3.0 if c == 1 else 0.0)})
+    vs, e = run(tmp_path, t, hour=8 * 24 + 10)
+    v = only(vs, "n000", "0", State.DEGRADED, Action.DRAIN, "hotter than its node's median")
+    assert "5.0 C more than the week before" in v.reasons[0], v.reasons
+    g = e.grid.filter(pl.col("hour") == START_MS // HOUR + 8 * 24 + 10)
+    rise = {(n, c): x for n, c, x in g.select("node", "chip", "temp_gap_rise").iter_rows()}
+    assert rise[("n000", "0")] == pytest.approx(5.0) and rise[("n001", "1")] == pytest.approx(2.5)
+    # 4 h into the rise the day's gap is up 1 C: not yet
+    vs, _ = run(tmp_path, t, hour=8 * 24 - 6)
+    assert vs[("n000", "0")].state == State.HEALTHY
 
 
 def test_efa_retransmit_surge_is_a_node_verdict(tmp_path):
