@@ -131,7 +131,7 @@ def _len_field(buf, i, end):
     return i, i + np.int64(ln)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)   # other requests' Python runs meanwhile (the second core)
 def walk(buf, seed1, seed2):
     """Walk a request; returns (status, resources, scopes, metrics, points, p_ts, p_value, p_h1, p_h2).
 
