@@ -110,23 +110,34 @@ SELECT hash(name, labels) AS key, any_value(name) AS name, any_value(labels) AS 
        min(ts) AS first_ts, arg_min(value, ts) AS first,
        max(ts) AS last_ts, arg_max(value, ts) AS last,
        min(value) AS vmin, max(value) AS vmax, sum(value) AS vsum, count(*) AS n
-FROM ({src}) WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name IN (SELECT unnest(?::VARCHAR[]))
+FROM ({src}) WHERE value IS NOT NULL AND prune_hour BETWEEN ? AND ? AND ts >= ? AND ts < ?
+  AND name IN (SELECT unnest(?::VARCHAR[]))
 GROUP BY key, hour
 """
 _XID_ROWS = """
 SELECT hash(name, labels) AS key, name, labels, ts, value FROM ({src})
-WHERE value IS NOT NULL AND ts >= ? AND ts < ? AND name = ?
+WHERE value IS NOT NULL AND prune_hour BETWEEN ? AND ? AND ts >= ? AND ts < ? AND name = ?
 """
 
 
 def _trace_src(files: list[str]) -> str:
     quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return f"SELECT ts, name, labels, value FROM read_parquet([{quoted}])"
+    return f"SELECT ts, ts // {HOUR_MS} AS prune_hour, name, labels, value FROM read_parquet([{quoted}])"
 
 
 # The store keeps label sets in `series` (a MAP); to_json gives the same JSON-object form as a trace.
-_STORE_SRC = ("SELECT s.ts, se.metric AS name, to_json(se.labels) AS labels, s.value "
-              "FROM samples s JOIN series se ON se.id = s.series_id")
+# prune_hour: the store's compacted samples prune row groups on their hour column, not on ts
+# (collector.store.core), so every query here filters on both.
+_STORE_SRC = ("SELECT s.ts, s.hour AS prune_hour, se.metric AS name, to_json(se.labels) AS labels, s.value "
+              "FROM samples_by_hour s JOIN series se ON se.id = s.series_id")
+
+
+_FRAME_SRC = f"SELECT ts, ts // {HOUR_MS} AS prune_hour, name, labels, value FROM frame_samples"
+
+
+def _window(start_ms: int, end_ms: int) -> list[int]:
+    """Parameters of `prune_hour BETWEEN ? AND ? AND ts >= ? AND ts < ?`."""
+    return [start_ms // HOUR_MS, (end_ms - 1) // HOUR_MS, start_ms, end_ms]
 
 
 def _query(con, sql: str, params: list) -> pl.DataFrame:
@@ -135,11 +146,11 @@ def _query(con, sql: str, params: list) -> pl.DataFrame:
 
 def series_hours(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int) -> pl.DataFrame:
     """Per series and hour aggregates of the health metrics with start_ms <= ts < end_ms."""
-    return _query(con, _AGG.format(hour=HOUR_MS, src=src), [start_ms, end_ms, metric_names()])
+    return _query(con, _AGG.format(hour=HOUR_MS, src=src), _window(start_ms, end_ms) + [metric_names()])
 
 
 def xid_rows(con: duckdb.DuckDBPyConnection, src: str, start_ms: int, end_ms: int) -> pl.DataFrame:
-    return _query(con, _XID_ROWS.format(src=src), [start_ms, end_ms, catalog().prom(XID_METRIC)])
+    return _query(con, _XID_ROWS.format(src=src), _window(start_ms, end_ms) + [catalog().prom(XID_METRIC)])
 
 
 def _empty_xcarry() -> pl.DataFrame:
@@ -267,10 +278,10 @@ class FrameSource:
         self.con.register("frame_samples", samples.to_arrow())
 
     def series_hours(self, start_ms: int, end_ms: int) -> pl.DataFrame:
-        return series_hours(self.con, "SELECT ts, name, labels, value FROM frame_samples", start_ms, end_ms)
+        return series_hours(self.con, _FRAME_SRC, start_ms, end_ms)
 
     def xid_rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:
-        return xid_rows(self.con, "SELECT ts, name, labels, value FROM frame_samples", start_ms, end_ms)
+        return xid_rows(self.con, _FRAME_SRC, start_ms, end_ms)
 
 
 class StoreSource:
