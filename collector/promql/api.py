@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from datetime import datetime
 from urllib.parse import parse_qs
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -56,16 +56,16 @@ def error(kind: str, message: str) -> Response:
 
 
 def success(data, warnings: list[str] | None = None, infos: list[str] | None = None, *,
-            data_json: str | None = None) -> Response:
+            data_json: bytes | None = None) -> Response:
     """Prometheus' success envelope; `data_json` is already-encoded data (query answers)."""
-    extra = ""
+    extra = b""
     if warnings:
-        extra += ',"warnings":' + json.dumps(list(dict.fromkeys(warnings)))
+        extra += b',"warnings":' + orjson.dumps(list(dict.fromkeys(warnings)))
     if infos:
-        extra += ',"infos":' + json.dumps(list(dict.fromkeys(infos)))
+        extra += b',"infos":' + orjson.dumps(list(dict.fromkeys(infos)))
     if data_json is None:
-        data_json = json.dumps(data, separators=(",", ":"))
-    return Response('{"status":"success","data":' + data_json + extra + "}", media_type="application/json")
+        data_json = orjson.dumps(data)
+    return Response(b'{"status":"success","data":' + data_json + extra + b"}", media_type="application/json")
 
 
 def parse_time(value: str | None, name: str, default: float | None = None) -> float:
@@ -107,40 +107,64 @@ def _sample(t_s: float, v: float) -> list:
     return [t_s, format_value(v)]
 
 
-def result_json(res: Result) -> str:
+def result_json(res: Result) -> bytes:
     """The `data` member of a query answer, as JSON text."""
     if res.type == "scalar":
-        return json.dumps({"resultType": "scalar", "result": _sample(res.time_s, res.value)})
+        return orjson.dumps({"resultType": "scalar", "result": _sample(res.time_s, res.value)})
     if res.type == "string":
-        return json.dumps({"resultType": "string", "result": [res.time_s, res.value]})
+        return orjson.dumps({"resultType": "string", "result": [res.time_s, res.value]})
     if res.type == "vector":
-        return json.dumps({"resultType": "vector",
-                           "result": [{"metric": lb, "value": _sample(res.time_s, v)} for lb, v in res.value]},
-                          separators=(",", ":"))
-    parts = ",".join('{"metric":' + json.dumps(lb, separators=(",", ":")) + ',"values":' + values_json(ts, vs) + "}"
-                     for lb, ts, vs in res.value)
-    return '{"resultType":"matrix","result":[' + parts + "]}"
+        return orjson.dumps({"resultType": "vector",
+                             "result": [{"metric": lb, "value": _sample(res.time_s, v)} for lb, v in res.value]})
+    return b'{"resultType":"matrix","result":[' + matrix_json(res.value) + b"]}"
 
 
-_EXPONENT = re.compile(r'"(-?[0-9.]+e[-+]?[0-9]+)"')
+def matrix_json(series: list[tuple[dict, np.ndarray, np.ndarray]]) -> bytes:
+    """{"metric":{..},"values":[[t,"v"],...]},... for (labels, ts_ms, values) series.
 
-
-def values_json(ts: np.ndarray, values: np.ndarray) -> str:
-    """[[t,"v"],...] for one series, formatted by C code rather than one Python call per point.
-
-    json.dumps writes each float with repr (shortest round-trip digits); the few spellings that
-    differ from Prometheus' (strconv 'f', -1) are then fixed on the text: a trailing ".0", the
-    exponent form, and NaN / Infinity.
+    A dashboard answer has ~10^5 points, so no Python code runs per point: every timestamp and
+    value is spelled by one orjson call per kind, and the points are assembled from those pieces
+    by bytes joins and list slicing (C loops).
     """
-    if len(ts) == 0:
-        return "[]"
-    t_text = json.dumps((ts / 1000).tolist())[1:-1].split(", ")
-    v_text = json.dumps(values.tolist())[1:-1].split(", ")
-    text = "[[" + "],[".join(map('{},"{}"'.format, t_text, v_text)) + "]]"
-    text = text.replace('.0"', '"').replace('"Infinity"', '"+Inf"').replace('"-Infinity"', '"-Inf"')
-    if "e" in text:
-        text = _EXPONENT.sub(lambda m: '"' + format_value(float(m.group(1))) + '"', text)
-    return text
+    if not series:
+        return b""
+    # '[t,"' pieces, then 'v"],' pieces: interleaved, a series' points are one join (less the
+    # last comma).
+    t_pieces = (b"[" + _spelled(np.concatenate([ts for _, ts, _ in series]) / 1000)
+                .replace(b",", b',"\n[')).split(b"\n")[:-1]
+    v_pieces = _spelled(np.concatenate([vs for _, _, vs in series])).replace(b",", b'"],\n').split(b"\n")[:-1]
+    out = []
+    a = 0
+    for labels, ts, _ in series:
+        b = a + len(ts)
+        points = [b""] * (2 * (b - a))
+        points[0::2] = t_pieces[a:b]
+        points[1::2] = v_pieces[a:b]
+        out.append(b'{"metric":' + orjson.dumps(labels) + b',"values":[' + b"".join(points)[:-1] + b"]}")
+        a = b
+    return b",".join(out)
+
+
+def _spelled(numbers: np.ndarray) -> bytes:
+    """"n1,n2,...,nk," in Prometheus' spelling of floats (Go's strconv 'f', -1: shortest
+    round-trip digits, never an exponent, no trailing ".0"; NaN, +Inf, -Inf).
+
+    orjson writes the shortest round-trip digits in C; its spellings that differ from Go's are
+    fixed on the text: ".0" endings for all, and per number (rare) exponents and non-finite
+    values, which orjson writes as null.
+    """
+    if len(numbers) == 0:
+        return b""
+    numbers = np.ascontiguousarray(numbers, dtype=np.float64)
+    text = orjson.dumps(numbers, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1] + b","
+    if b"e" in text or b"null" in text:
+        parts = text.split(b",")[:-1]
+        for i in np.flatnonzero(~np.isfinite(numbers)):
+            parts[i] = format_value(float(numbers[i])).encode()
+        if b"e" in text:
+            parts = [format_value(float(p)).encode() if b"e" in p else p for p in parts]
+        text = b",".join(parts) + b","
+    return text.replace(b".0,", b",")
 
 
 class QueryAPI:

@@ -347,9 +347,8 @@ class Evaluation:
         """Samples of the series in [start_ms, end_ms]: offsets (S+1,), ts, values, stale.
 
         Rows come back in `series` order (label order), each series' samples sorted by time.
-        DuckDB filters by series and time; the ordering is done here with one stable argsort on
-        (row, ts): samples arrive in long time-ordered runs, which timsort merges in a fraction of
-        the time an ORDER BY takes.
+        DuckDB filters by series and time; the ordering is done here rather than by an ORDER BY
+        (see _label_order).
         """
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
         sql = ("SELECT series_id, ts, value FROM samples "
@@ -382,17 +381,7 @@ class Evaluation:
             values = np.asarray(col.to_numpy(), dtype=np.float64)    # NULL (stale) -> NaN
             stale = col.is_null().to_numpy() if col.null_count else np.zeros(len(values), dtype=bool)
         self.count_samples(len(ts))
-        row_of = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
-        row_of[ids] = np.arange(len(ids))
-        rows = row_of[sids]
-        span = int(end_ms) - int(start_ms) + 1
-        if len(ids) * span < 2 ** 62:
-            order = np.argsort(rows * span + (ts - int(start_ms)), kind="stable")
-        else:
-            order = np.lexsort((ts, rows))
-        rows, ts, values, stale = rows[order], ts[order], values[order], stale[order]
-        offsets = np.searchsorted(rows, np.arange(len(ids) + 1), side="left").astype(np.int64)
-        return offsets, ts, values, stale
+        return _label_order(ids, sids, ts, values, stale, int(start_ms), int(end_ms))
 
     def eval_VectorSelector(self, node, times):
         t = self.at_times(node.at, node.offset, times)
@@ -631,6 +620,52 @@ class Evaluation:
                     raise PromQLError("multiple matches for labels: grouping labels must ensure unique matches")
                 seen[k] = seen.get(k, np.zeros(T, dtype=bool)) | p
         return merge_same_labels(vec)
+
+
+def _label_order(ids: np.ndarray, sids: np.ndarray, ts: np.ndarray, values: np.ndarray, stale: np.ndarray,
+                 start_ms: int, end_ms: int):
+    """Samples regrouped so that series ids[i]'s come i-th, each series sorted by time:
+    (offsets (S+1,), ts, values, stale).
+
+    Compaction stores samples sorted by (series_id, ts) a chunk at a time (an hour, or a day
+    after the daily merge), and DuckDB's parallel scan hands row groups back in any order, so the
+    rows come as a few thousand blocks: one series, increasing time. Sorting those blocks by
+    (row, first ts) and moving them whole is one gather, where a stable argsort of every sample
+    was a fifth of a dashboard query. Blocks of one series that overlap in time (late samples
+    not yet compacted) fall back to that argsort on (row, ts).
+    """
+    n = len(sids)
+    row_of = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=np.int64)
+    row_of[ids] = np.arange(len(ids))
+    if n:
+        brk = np.empty(n, dtype=bool)
+        brk[0] = True
+        np.not_equal(sids[1:], sids[:-1], out=brk[1:])
+        brk[1:] |= ts[1:] <= ts[:-1]
+        first = np.flatnonzero(brk)
+        last = np.append(first[1:], n) - 1
+        block_row = row_of[sids[first]]
+        order = np.lexsort((ts[first], block_row))
+        first, last, block_row = first[order], last[order], block_row[order]
+        same_row = block_row[1:] == block_row[:-1]
+        if not (same_row & (ts[first[1:]] <= ts[last[:-1]])).any():
+            sizes = last - first + 1
+            offsets = np.searchsorted(block_row, np.arange(len(ids) + 1), side="left")
+            offsets = np.append(0, np.cumsum(sizes))[offsets]
+            if len(first) == 1 or (first[1:] == last[:-1] + 1).all():
+                return offsets, ts, values, stale
+            dest = np.cumsum(sizes) - sizes
+            take = np.arange(n, dtype=np.int64) + np.repeat(first - dest, sizes)
+            return offsets, ts[take], values[take], stale[take]
+    rows = row_of[sids]
+    span = end_ms - start_ms + 1
+    if len(ids) * span < 2 ** 62:
+        order = np.argsort(rows * span + (ts - start_ms), kind="stable")
+    else:
+        order = np.lexsort((ts, rows))
+    rows, ts, values, stale = rows[order], ts[order], values[order], stale[order]
+    offsets = np.searchsorted(rows, np.arange(len(ids) + 1), side="left").astype(np.int64)
+    return offsets, ts, values, stale
 
 
 def _fmt(labels: dict) -> str:

@@ -92,17 +92,42 @@ class RangeVector:
     def windows(self) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) sample indices (S, T): window j of series i is [lo, hi)."""
         if self.bounds is None:
-            S, T = len(self.labels), len(self.ends)
-            lo = np.empty((S, T), dtype=np.int64)
-            hi = np.empty((S, T), dtype=np.int64)
-            starts = self.ends - self.range_ms
-            for i in range(S):
-                a, b = self.offsets[i], self.offsets[i + 1]
-                seg = self.ts[a:b]
-                lo[i] = a + np.searchsorted(seg, starts, side="right")
-                hi[i] = a + np.searchsorted(seg, self.ends, side="right")
-            self.bounds = (lo, hi)
+            T = len(self.ends)
+            step = int(self.ends[1] - self.ends[0]) if T > 1 else 1
+            if step <= 0 or (T > 2 and (np.diff(self.ends) != step).any()):
+                starts = self.ends - self.range_ms
+                self.bounds = (self._searched(starts), self._searched(self.ends))
+                return self.bounds
+            behind, rem = divmod(self.range_ms, step)
+            if rem == 0 and behind <= T:
+                # Window starts are edges `behind` steps earlier: one count serves both ends.
+                upto = self._counted(int(self.ends[0]) - self.range_ms, step, T + behind)
+                self.bounds = (upto[:, :T], upto[:, behind:])
+            else:
+                self.bounds = (self._counted(int(self.ends[0]) - self.range_ms, step, T),
+                               self._counted(int(self.ends[0]), step, T))
         return self.bounds
+
+    def _counted(self, first: int, step: int, n: int) -> np.ndarray:
+        """(S, n): offsets[i] + the number of series i's samples with ts <= first + j * step.
+
+        Each sample counts from the first edge at or after it, ceil((ts - first) / step), on: one
+        bincount over (series, that edge) and a running sum give every count, with no binary
+        search per window.
+        """
+        S = len(self.labels)
+        rows = np.repeat(np.arange(S, dtype=np.int64), np.diff(self.offsets))
+        from_edge = np.clip(-((first - self.ts) // step), 0, n)
+        counts = np.bincount(rows * (n + 1) + from_edge, minlength=S * (n + 1)).reshape(S, n + 1)
+        return self.offsets[:-1, None] + np.cumsum(counts[:, :n], axis=1)
+
+    def _searched(self, edges: np.ndarray) -> np.ndarray:
+        """The same as _counted for edges that are not evenly spaced."""
+        out = np.empty((len(self.labels), len(edges)), dtype=np.int64)
+        for i in range(len(self.labels)):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            out[i] = a + np.searchsorted(self.ts[a:b], edges, side="right")
+        return out
 
 
 def merge_same_labels(vec: Vector) -> Vector:
