@@ -33,7 +33,6 @@ DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
 SERIES_CACHE_ENTRIES = 512          # selector -> selected series, shared by the engine's queries
 SMALL_READ_ROWS = 20_000             # Evaluation.load: fetchnumpy below, Arrow above
-SELECT_CHUNK_CELLS = 1 << 20        # series x steps looked up at once by an instant selector
 
 
 @dataclass
@@ -390,36 +389,17 @@ class Evaluation:
         if S == 0:
             return Vector.empty(T)
         offsets, ts, vals, stale = self.load(series, int(t.min()) - self.lookback_ms + 1, int(t.max()))
-        values = np.zeros((S, T))
-        present = np.zeros((S, T), dtype=bool)
+        if not len(ts):
+            return Vector.empty(T)
+        # A step picks the last sample of its lookback window (t - lookback, t]: the windows are
+        # found as a range selector's are, by counting (RangeVector.windows).
+        lo, hi = RangeVector([lb for _, lb in series], offsets, ts, vals, t, self.lookback_ms).windows()
+        has = hi > offsets[:-1, None]                # a sample of this series at or before t
+        idx = np.where(has, hi - 1, 0)
+        present = has & (hi > lo) & ~stale[idx]
+        values = np.where((offsets[:-1] == offsets[1:])[:, None], 0.0, vals[idx])
         # Sample timestamps are kept only under timestamp(): an (S x T) int64 matrix is not free.
-        sample_ts = np.zeros((S, T), dtype=np.int64) if self.want_sample_ts else None
-        if len(ts):
-            # Last sample at or before each step, for many series and steps in one searchsorted:
-            # samples are sorted by (row, ts), so key = row * span + (ts - lo) is sorted too and
-            # every (row, t) query is one key. All t lie within [lo, hi], so keys do not overlap.
-            # Rows go in chunks so the (rows x T) temporaries stay small next to the result.
-            lo, hi = int(t.min()) - self.lookback_ms + 1, int(t.max())
-            span = hi - lo + 1
-            empty = offsets[:-1] == offsets[1:]
-            keys = np.repeat(np.arange(S, dtype=np.int64), np.diff(offsets)) * span + (ts - lo) \
-                if S * span < 2 ** 62 else None
-            chunk = max(1, SELECT_CHUNK_CELLS // T)
-            for a in range(0, S, chunk):
-                b = min(S, a + chunk)
-                if keys is not None:
-                    idx = np.searchsorted(keys, np.arange(a, b, dtype=np.int64)[:, None] * span + (t - lo)[None, :],
-                                          side="right") - 1
-                else:   # a span too wide for one int64 key: one searchsorted per series
-                    idx = np.stack([offsets[i] + np.searchsorted(ts[offsets[i]:offsets[i + 1]], t, side="right") - 1
-                                    for i in range(a, b)])
-                ok = idx >= offsets[a:b, None]           # a sample of this series at or before t
-                idx = np.where(ok, idx, 0)
-                ok &= (ts[idx] > t[None, :] - self.lookback_ms) & ~stale[idx]
-                values[a:b] = np.where(empty[a:b, None], 0.0, vals[idx])
-                present[a:b] = ok
-                if sample_ts is not None:
-                    sample_ts[a:b] = ts[idx]
+        sample_ts = ts[idx] if self.want_sample_ts else None
         return Vector([lb for _, lb in series], values, present, sample_ts).drop_empty()
 
     def eval_MatrixSelector(self, node, times):
