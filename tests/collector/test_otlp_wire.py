@@ -259,3 +259,21 @@ def test_stale_points_and_limits_are_counted_alike(paths):
     sids, ts, values, stale = wire.translate(body, NOW_MS, res)
     assert res.limited == 20 and len(sids) == 40 and stale is not None and stale[0] and not stale[1:].any()
     assert not math.isnan(values[1])
+
+
+def test_wire_path_stores_stale_markers_and_recognises_retries(paths):
+    """Through OtlpReceiver.ingest into DuckDB: a stale point is stored as a NULL value, and the
+    same bytes sent again are a duplicate batch, stored once."""
+    receiver, wire = paths
+    receiver.wire = wire
+    points = b"".join(field(1, NumberDataPoint(time_unix_nano=NOW_MS * 1_000_000, as_double=2.5, flags=flags,
+                                               attributes=[kv("chip", chip)]).SerializeToString())
+                      for chip, flags in (("0", 0), ("1", 1)))
+    body = field(1, field(1, Resource(attributes=[kv("node", "e2e")]).SerializeToString())
+                 + field(2, field(2, field(1, b"e2e.metric") + field(5, points))))
+    query = ("SELECT s.labels['chip'], h.ts, h.value FROM samples_hot h JOIN series s ON s.id = h.series_id "
+             "WHERE s.metric LIKE 'e2e%' ORDER BY 1")
+    for _ in range(2):
+        resp = receiver.ingest(body, None, PROTOBUF)
+        assert resp.partial_success.rejected_data_points == 0
+        assert receiver.ctx.store.con.execute(query).fetchall() == [("0", NOW_MS, 2.5), ("1", NOW_MS, None)]
