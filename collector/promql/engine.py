@@ -22,7 +22,7 @@ import duckdb
 import numpy as np
 import promql_parser as pp
 
-from collector.store.core import Matcher
+from collector.store.core import HOUR_MS, Matcher
 
 from . import functions
 from .aggregate import aggregate
@@ -32,6 +32,7 @@ from .values import (NAME, PromQLError, RangeVector, Scalar, String, Vector, dro
 DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
 SERIES_CACHE_ENTRIES = 512          # selector -> selected series, shared by the engine's queries
+HOUR_BOUND_MS = (2 ** 31 - 1) * HOUR_MS   # the widest span an INTEGER hour column covers
 SMALL_READ_ROWS = 20_000             # Evaluation.load: fetchnumpy below, Arrow above
 
 
@@ -350,12 +351,18 @@ class Evaluation:
         (see _label_order).
         """
         ids = np.array([sid for sid, _ in series], dtype=np.int64)
-        sql = ("SELECT series_id, ts, value FROM samples "
+        sql = ("SELECT series_id, ts, value FROM samples_by_hour "
                # The BETWEEN on series_id lets DuckDB skip row groups by their min/max statistics
-               # once compaction has clustered samples by series; ts prunes the same way.
+               # once compaction has clustered samples by series. Compacted ts is computed (see
+               # collector.store.core), so time prunes on `hour`: a 1 h panel over a 6 h store
+               # read in half the CPU time.
                "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
+               # `hour` is DuckDB's ts // 1 h (rounded toward zero, unlike Python's //), so the
+               # bounds are computed by the same expression.
+               f"AND hour BETWEEN (?::BIGINT // {HOUR_MS})::INTEGER AND (?::BIGINT // {HOUR_MS})::INTEGER "
                "AND ts BETWEEN ? AND ?")
-        params = [int(ids.min()), int(ids.max()), ids.tolist(), int(start_ms), int(end_ms)]
+        hour_ms = [min(max(int(x), -HOUR_BOUND_MS), HOUR_BOUND_MS) for x in (start_ms, end_ms)]   # INTEGER hours
+        params = [int(ids.min()), int(ids.max()), ids.tolist(), *hour_ms, int(start_ms), int(end_ms)]
         # Two ways out of DuckDB, each faster on its side of a few ten thousand rows (measured
         # with benchmarks/rules_eval.py and benchmarks/query.py): execute().fetchnumpy() saves the
         # relation API's second bind (~2 ms, most of a small alert-rule read), Arrow hands large

@@ -123,3 +123,37 @@ def test_numbers_are_spelled_as_prometheus_does():
     assert [p[1] for p in doc[0]["values"]] == list(pinned.values())
     assert b'"-0"' in matrix_json(series) and b'"NaN"' in matrix_json(series)
     assert json.loads(result_json(Result("matrix", []))) == {"resultType": "matrix", "result": []}
+
+
+def test_compacted_samples_read_by_hour_match_a_scan():
+    """Selectors prune compacted samples on their `hour` column: windows that start or end on
+    either side of an hour boundary, before or after compaction, see exactly the samples in them."""
+    from collector.store import maintenance
+    from collector.store.core import Store
+    from collector.promql.engine import Engine
+
+    store = Store()
+    ts = np.arange(0, 5 * 3_600_000, 420_000, dtype=np.int64) + 3_600_000 * 1000   # every 7 min, 5 h
+    rows = [("m", {"s": str(i)}, int(t), float(i + k)) for i in range(3) for k, t in enumerate(ts)]
+    store.append_series(rows)
+    engine = Engine(store)
+
+    def answers():
+        out = []
+        for end_s in (ts[0] / 1000 + 3599.0, ts[0] / 1000 + 3600.0, ts[0] / 1000 + 7321.5, ts[-1] / 1000 + 1.0):
+            res = engine.range("count_over_time(m[61m])", end_s - 600, end_s, 60)
+            out.append([(lb["s"], vs.tolist()) for lb, _, vs in res.value])
+            res = engine.range("m", end_s - 600, end_s, 60)
+            out.append([(lb["s"], vs.tolist()) for lb, _, vs in res.value])
+        return out
+
+    before = answers()
+    assert maintenance.compact(store, int(ts[-1]) + 3 * 3_600_000, 3_600_000) >= 5
+    assert store.con.execute("SELECT count(*) FROM samples_hot").fetchone()[0] == 0
+    assert answers() == before
+    # and against counting by hand, at times all around the hour boundaries
+    for end_ms in range(int(ts[0]), int(ts[-1]) + 3_600_000, 210_000):
+        for window_min in (5, 61):
+            want = sum(1 for t in ts if end_ms - window_min * 60_000 < t <= end_ms)
+            got = engine.instant(f"count_over_time(m[{window_min}m])", end_ms / 1000).value
+            assert [v for _, v in got] == ([float(want)] * 3 if want else []), (end_ms, window_min)
