@@ -22,7 +22,7 @@ import duckdb
 import numpy as np
 import promql_parser as pp
 
-from collector.store.core import HOUR_MS, Matcher
+from collector.store.core import Matcher, hour_of
 
 from . import functions
 from .aggregate import aggregate
@@ -32,7 +32,6 @@ from .values import (NAME, PromQLError, RangeVector, Scalar, String, Vector, dro
 DEFAULT_LOOKBACK_S = 300.0
 DEFAULT_SUBQUERY_STEP_MS = 60_000   # Prometheus' default evaluation interval for `[r:]`
 SERIES_CACHE_ENTRIES = 512          # selector -> selected series, shared by the engine's queries
-HOUR_BOUND_MS = (2 ** 31 - 1) * HOUR_MS   # the widest span an INTEGER hour column covers
 SMALL_READ_ROWS = 20_000             # Evaluation.load: fetchnumpy below, Arrow above
 
 
@@ -357,12 +356,9 @@ class Evaluation:
                # collector.store.core), so time prunes on `hour`: a 1 h panel over a 6 h store
                # read in half the CPU time.
                "WHERE series_id BETWEEN ? AND ? AND series_id IN (SELECT unnest(?::INTEGER[])) "
-               # `hour` is DuckDB's ts // 1 h (rounded toward zero, unlike Python's //), so the
-               # bounds are computed by the same expression.
-               f"AND hour BETWEEN (?::BIGINT // {HOUR_MS})::INTEGER AND (?::BIGINT // {HOUR_MS})::INTEGER "
-               "AND ts BETWEEN ? AND ?")
-        hour_ms = [min(max(int(x), -HOUR_BOUND_MS), HOUR_BOUND_MS) for x in (start_ms, end_ms)]   # INTEGER hours
-        params = [int(ids.min()), int(ids.max()), ids.tolist(), *hour_ms, int(start_ms), int(end_ms)]
+               "AND hour BETWEEN ? AND ? AND ts BETWEEN ? AND ?")
+        params = [int(ids.min()), int(ids.max()), ids.tolist(), hour_of(start_ms), hour_of(end_ms),
+                  int(start_ms), int(end_ms)]
         # Two ways out of DuckDB, each faster on its side of a few ten thousand rows (measured
         # with benchmarks/rules_eval.py and benchmarks/query.py): execute().fetchnumpy() saves the
         # relation API's second bind (~2 ms, most of a small alert-rule read), Arrow hands large

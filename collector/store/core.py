@@ -19,7 +19,7 @@ Layout (docs/storage.md has the user-facing description):
         12-hour runs, more than the value). Shifting each series' run so that it continues where
         the previous run ended (ts_shifted = ts + shift, shift constant per run, see
         COLD_INSERT) makes ts_shifted one evenly spaced sequence across series boundaries, which
-        bit-packs at ~0 bits per value; `shift` is one RLE run per series. `hour` (ts // 1 h,
+        bit-packs at ~0 bits per value; `shift` is one RLE run per series. `hour` (floor(ts / 1 h),
         RLE too) gives zone maps that a time range can prune row groups on, which ts_shifted
         cannot.
 
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS samples_cold (
 CREATE OR REPLACE VIEW samples_by_hour AS
     SELECT series_id, hour, ts, value FROM samples_cold
     UNION ALL
-    SELECT series_id, (ts // 3600000)::INTEGER AS hour, ts, value FROM samples_hot;
+    SELECT series_id, floor(ts / 3600000)::INTEGER AS hour, ts, value FROM samples_hot;
 CREATE OR REPLACE VIEW samples AS
     SELECT series_id, ts, value FROM samples_by_hour;
 -- Keys of acknowledged ingest batches, written in the same transaction as their samples, so a
@@ -92,6 +92,14 @@ CREATE TABLE IF NOT EXISTS maintenance_state (
 
 NAME = "__name__"
 HOUR_MS = 3_600_000
+_INT32 = 2 ** 31 - 1
+
+
+def hour_of(ts_ms: int) -> int:
+    """The `hour` column's value for a time: floor(ts / 1 h) as Python's // computes it (SQL's
+    // on integers rounds toward zero instead, so the tables use floor(ts / 3600000)), clamped
+    to the INTEGER range so that any time is a valid bound."""
+    return min(max(int(ts_ms) // HOUR_MS, -_INT32), _INT32)
 
 
 def cold_insert_sql(source: str) -> str:
@@ -112,7 +120,7 @@ def cold_insert_sql(source: str) -> str:
         shifts AS (
             SELECT series_id, sum(gap) OVER (ORDER BY series_id ROWS UNBOUNDED PRECEDING)::BIGINT AS shift
             FROM gaps)
-        SELECT s.series_id, (s.ts // {HOUR_MS})::INTEGER, s.ts + h.shift, h.shift, s.value
+        SELECT s.series_id, floor(s.ts / {HOUR_MS})::INTEGER, s.ts + h.shift, h.shift, s.value
         FROM src s JOIN shifts h USING (series_id)
         ORDER BY s.series_id, s.ts"""
 
@@ -303,7 +311,7 @@ class Store:
             "SELECT series_id, ts, value FROM samples_by_hour "
             "WHERE series_id IN (SELECT unnest(?::INTEGER[])) AND hour BETWEEN ? AND ? AND ts BETWEEN ? AND ? "
             "ORDER BY series_id, ts",
-            [list(map(int, series_ids)), int(start_ms) // HOUR_MS, int(end_ms) // HOUR_MS,
+            [list(map(int, series_ids)), hour_of(start_ms), hour_of(end_ms),
              int(start_ms), int(end_ms)],
         ).fetchnumpy()
         values = res["value"]

@@ -262,3 +262,19 @@ def test_files_with_the_unshifted_cold_layout_are_rewritten_on_open(tmp_path):
     assert got.ts.tolist() == [T0 + k * 15_000 for k in range(241)]
     assert got.stale.tolist() == [k == 7 for k in range(241)]
     store.close()
+
+
+def test_times_before_1970_are_found_after_compaction(tmp_path):
+    """`hour` is floor(ts / 1 h): a sample at -5 ms lies in hour -1, and a fetch of [-10, -1]
+    must look there (truncating division would file it under hour 0)."""
+    ctx = Ctx(tmp_path / "neg.duckdb")
+    rows = [("hw_power_watts", {"chip": "0"}, t, float(t)) for t in (-H - 5, -5, 0, 5, H + 5)]
+    assert ctx.writer.write(rows).accepted == 5
+    assert maintenance.compact(ctx.store, 3 * H, compact_after_ms=0) > 0
+    cur = ctx.store.cursor()
+    assert cur.execute("SELECT count(*) FROM samples_hot").fetchall() == [(0,)]
+    assert cur.execute("SELECT ts, hour FROM samples_cold ORDER BY ts").fetchall() == [
+        (-H - 5, -2), (-5, -1), (0, 0), (5, 0), (H + 5, 1)]
+    sid = ctx.store.select_series([Matcher("__name__", "=", "hw_power_watts")])[0][0]
+    assert ctx.store.fetch([sid], -10, -1).ts.tolist() == [-5]
+    assert ctx.store.fetch([sid], -H - 10, 10).ts.tolist() == [-H - 5, -5, 0, 5]
