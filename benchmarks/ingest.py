@@ -140,6 +140,12 @@ def push(url: str, batches, clients: int, headers: dict, ok_codes=(200, 204)) ->
     return elapsed, sum(accepted)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (/proc): steadier than rates on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -175,8 +181,10 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
     proc = None
     try:
         proc = _start_collector(tmp, port, db, clients, 86_400, log)   # no maintenance pass while pushing
+        cpu0 = cpu_seconds(proc.pid)
         elapsed, accepted = push(url + "/v1/metrics", [(n, s, o, k) for n, s, o, _, k in batches], clients,
                                  {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})
+        cpu_us = (cpu_seconds(proc.pid) - cpu0) / accepted * 1e6
         _stop_collector(proc)
         proc = _start_collector(tmp, port, db, clients, 2, log)
         # wait for the maintenance job to compact every closed hour and merge the closed day
@@ -224,7 +232,7 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
                             "bytes_per_row": round(size / max(rows, 1), 2)}
     con.close()
     return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "stored_samples": stored,
-            "samples_per_s": round(accepted / elapsed),
+            "samples_per_s": round(accepted / elapsed), "cpu_us_per_sample": round(cpu_us, 3),
             "db_file_bytes": db.stat().st_size, "bytes_per_sample_db_file": round(db.stat().st_size / stored, 3),
             "db_used_bytes": used_blocks * block_size, "db_free_blocks": free_blocks,
             "bytes_per_sample_db_used": round(used_blocks * block_size / stored, 3),
@@ -248,9 +256,11 @@ def bench_prometheus(tmp: Path, batches, clients: int) -> dict:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/-/ready", 60, proc)
+        cpu0 = cpu_seconds(proc.pid)
         elapsed, accepted = push(url + "/api/v1/write", [(n, s, rw, k) for n, s, _, rw, k in batches], clients,
                                  {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
                                   "X-Prometheus-Remote-Write-Version": "0.1.0"})
+        cpu_us = (cpu_seconds(proc.pid) - cpu0) / accepted * 1e6
         head = httpx.get(url + "/api/v1/status/tsdb").json()["data"]["headStats"]
         snap = httpx.post(url + "/api/v1/admin/tsdb/snapshot", timeout=600).json()["data"]["name"]
         snap_bytes = dir_size(data / "snapshots" / snap)
@@ -258,7 +268,7 @@ def bench_prometheus(tmp: Path, batches, clients: int) -> dict:
         stop(proc, 60)
         log.close()
     return {"seconds": round(elapsed, 2), "accepted_samples": accepted, "samples_per_s": round(accepted / elapsed),
-            "head_series": head["numSeries"], "snapshot_bytes": snap_bytes,
+            "cpu_us_per_sample": round(cpu_us, 3), "head_series": head["numSeries"], "snapshot_bytes": snap_bytes,
             "bytes_per_sample_snapshot": round(snap_bytes / accepted, 3)}
 
 
@@ -286,6 +296,8 @@ def main(argv=None) -> int:
               "collector": collector, "prometheus": prom}
     if "samples_per_s" in prom:
         result["rate_ratio_collector_over_prometheus"] = round(collector["samples_per_s"] / prom["samples_per_s"], 3)
+        result["cpu_per_sample_ratio_collector_over_prometheus"] = round(
+            collector["cpu_us_per_sample"] / prom["cpu_us_per_sample"], 3)
         # samples table: the raw samples as stored (what Prometheus' block holds); DB used: plus
         # series, rollups and batch keys; DB file: plus blocks freed by compaction (reused later)
         peer = prom["bytes_per_sample_snapshot"]
