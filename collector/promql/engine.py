@@ -89,6 +89,49 @@ _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _NEG_AT_BASE_S = 100_000_000_000
 
 
+_GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[0-7]{3}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+_SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def invalid_utf8_literals(query: str) -> frozenset[str]:
+    r"""The quoted string literals of `query` that Go would decode to invalid UTF-8, as the parser
+    binding hands them over.
+
+    Go's \xNN and octal escapes are single bytes, so "\xff" is the byte 0xFF, which is not a
+    valid label name; the binding gives it to Python as the valid character U+00FF. Knowing
+    which decoded strings came from such literals lets label_replace/label_join refuse them as
+    Prometheus does."""
+    found = set()
+    for m in _STRINGS.finditer(query):
+        literal = m.group(0)
+        if literal[0] == "`" or "\\" not in literal:
+            continue
+        raw, text = bytearray(), []
+        pos = 1
+        for e in _GO_ESCAPE.finditer(literal, 1, len(literal) - 1):
+            plain = literal[pos:e.start()]
+            raw += plain.encode()
+            text.append(plain)
+            code = e.group(1)
+            if code[0] == "x" or code[0] in "01234567" and len(code) == 3:
+                byte = int(code[1:], 16) if code[0] == "x" else int(code, 8)
+                raw.append(byte)
+                text.append(chr(byte))
+            else:
+                ch = chr(int(code[1:], 16)) if code[0] in "uU" and len(code) > 1 else _SIMPLE_ESCAPES.get(code, code)
+                raw += ch.encode()
+                text.append(ch)
+            pos = e.end()
+        tail = literal[pos:-1]
+        raw += tail.encode()
+        text.append(tail)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            found.add("".join(text))
+    return frozenset(found)
+
+
 def parse(query: str):
     """Parse a query; returns (ast, negative-@ map).
 
@@ -238,8 +281,10 @@ _WATCHDOG = _Watchdog()
 class Evaluation:
     """State of one query: time range, store cursor, limits, counters."""
 
-    def __init__(self, engine: "Engine", start_ms: int, end_ms: int, step_ms: int, neg_at: dict[int, int]):
+    def __init__(self, engine: "Engine", start_ms: int, end_ms: int, step_ms: int, neg_at: dict[int, int],
+                 invalid_utf8: frozenset[str] = frozenset()):
         self.engine = engine
+        self.invalid_utf8 = invalid_utf8   # string literals that are not UTF-8 in Go (label names)
         self.store = engine.store
         self.cur = engine.store.cursor()
         self.limits = engine.limits
@@ -676,7 +721,7 @@ class Engine:
     def instant(self, query: str, time_s: float) -> Result:
         ast, neg = parse(query)
         t = round(time_s * 1000)
-        ev = Evaluation(self, t, t, 0, neg)
+        ev = Evaluation(self, t, t, 0, neg, invalid_utf8_literals(query))
         val = ev.run(ast, np.array([t], dtype=np.int64))
         return self._instant_result(ast, val, t, ev)
 
@@ -692,7 +737,7 @@ class Engine:
                               "timeseries. Try decreasing the query resolution (?step=XX)", "bad_data")
         ast, neg = parse(query)
         times = np.arange(start, end + 1, step, dtype=np.int64)
-        ev = Evaluation(self, start, end, step, neg)
+        ev = Evaluation(self, start, end, step, neg, invalid_utf8_literals(query))
         val = ev.run(ast, times)
         if isinstance(val, (String, RangeVector)):
             kind = "string" if isinstance(val, String) else "range vector"

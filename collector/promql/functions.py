@@ -147,8 +147,9 @@ def _go_regex(pattern: str) -> re.Pattern:
         raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from None
 
 
-def _valid_label_name(name: str) -> bool:
-    if not name:
+def _valid_label_name(name: str, ev) -> bool:
+    """Prometheus 3 accepts any non-empty UTF-8 label name."""
+    if not name or name in ev.invalid_utf8:
         return False
     try:
         name.encode("utf-8")
@@ -323,7 +324,7 @@ def call(ev, node, times):
         vec = ev.eval(args[0], times)
         dst, repl, src, regex = (ev.eval(a, times).value for a in args[1:5])
         pattern = _go_regex(regex)
-        if not _valid_label_name(dst):
+        if not _valid_label_name(dst, ev):
             raise PromQLError(f"invalid destination label name in label_replace(): {dst}")
         labels = []
         for lb in vec.labels:
@@ -344,10 +345,10 @@ def call(ev, node, times):
         vec = ev.eval(args[0], times)
         strs = [ev.eval(a, times).value for a in args[1:]]
         dst, sep, srcs = strs[0], strs[1], strs[2:]
-        if not _valid_label_name(dst):
+        if not _valid_label_name(dst, ev):
             raise PromQLError(f"invalid destination label name in label_join(): {dst}")
         for s in srcs:
-            if not _valid_label_name(s):
+            if not _valid_label_name(s, ev):
                 raise PromQLError(f"invalid source label name in label_join(): {s}")
         labels = []
         for lb in vec.labels:

@@ -122,3 +122,15 @@ def test_watchdog_interrupts_a_long_duckdb_read():
     assert time.monotonic() - t0 < 30
     cur.close()
     store.close()
+
+
+def test_string_literals_that_are_not_utf8_in_go_are_found():
+    """Go decodes \\xNN and octal escapes to single bytes: "\\xff" is invalid UTF-8 (not a label
+    name), "\\xc3\\xbf" is the valid 'ÿ'; raw `...` strings keep their backslashes."""
+    from collector.promql.engine import invalid_utf8_literals
+
+    assert invalid_utf8_literals(r'label_replace(m, "\xff", "", "src", "(.*)")') == {"\xff"}
+    assert invalid_utf8_literals(r'label_replace(m, "\xc3\xbf", "a\n", "src", "(.*)")') == frozenset()
+    assert invalid_utf8_literals(r'm{a="\377b"} + on() n{b=`\xff`}') == {"\xffb"}
+    assert invalid_utf8_literals(r"m{a='\xffz\'q'}") == {"\xffz'q"}
+    assert invalid_utf8_literals('label_replace(m, "ÿ", "", "src", "(.*)")') == frozenset()
