@@ -131,6 +131,34 @@ def _len_field(buf, i, end):
     return i, i + np.int64(ln)
 
 
+@njit(cache=True)
+def _header(buf, s, e):
+    """Check the fields of a ResourceMetrics or ScopeMetrics (same layout: 1 its Resource or
+    InstrumentationScope, 2 its children, 3 schema_url); returns the span of field 1, (-1, -1)
+    when absent, or (-2, -2) to fall back (anything else, bad UTF-8, or a second field 1, which
+    upb would merge)."""
+    span_s = span_e = -1
+    j = s
+    while j < e:
+        t, j = _varint(buf, j, e)
+        if j < 0 or t & 7 != 2:
+            return -2, -2
+        fs, fe = _len_field(buf, j, e)
+        if fs < 0:
+            return -2, -2
+        j = fe
+        if t == 0x0A:
+            if span_s >= 0:
+                return -2, -2
+            span_s, span_e = fs, fe
+        elif t == 0x1A:
+            if not _utf8_ok(buf, fs, fe):
+                return -2, -2
+        elif t != 0x12:
+            return -2, -2
+    return span_s, span_e
+
+
 @njit(cache=True, nogil=True)   # other requests' Python runs meanwhile (the second core)
 def walk(buf, seed1, seed2):
     """Walk a request; returns (status, resources, scopes, metrics, points, p_ts, p_value, p_h1, p_h2).
@@ -168,28 +196,12 @@ def walk(buf, seed1, seed2):
             resources = _grow(resources)
         r = nr
         nr += 1
-        resources[r, 0] = -1
-        resources[r, 1] = -1
-        # pass 1 over ResourceMetrics: the resource (its hash seeds every point's) and schema_url
-        j = rm_s
-        while j < rm_e:
-            t, j = _varint(buf, j, rm_e)
-            if j < 0 or t & 7 != 2:
-                return fail
-            s, e = _len_field(buf, j, rm_e)
-            if s < 0:
-                return fail
-            j = e
-            if t == 0x0A:                      # resource: a second one would be merged by upb
-                if resources[r, 0] >= 0:
-                    return fail
-                resources[r, 0] = s
-                resources[r, 1] = e
-            elif t == 0x1A:                    # schema_url
-                if not _utf8_ok(buf, s, e):
-                    return fail
-            elif t != 0x12:                    # scope_metrics (pass 2)
-                return fail
+        # the resource (its hash seeds every point's); scope_metrics follow in pass 2
+        res_s, res_e = _header(buf, rm_s, rm_e)
+        if res_s == -2:
+            return fail
+        resources[r, 0] = res_s
+        resources[r, 1] = res_e
         rh1, rh2 = seed1, seed2
         if resources[r, 0] >= 0:
             rh1, rh2 = _mix(rh1, rh2, buf, resources[r, 0], resources[r, 1])
@@ -203,26 +215,15 @@ def walk(buf, seed1, seed2):
             j = e
             if t != 0x12:
                 continue
-            k = s
-            while k < e:
-                t2, k = _varint(buf, k, e)
-                if k < 0 or t2 & 7 != 2:
-                    return fail
-                s2, e2 = _len_field(buf, k, e)
-                if s2 < 0:
-                    return fail
-                k = e2
-                if t2 == 0x0A:                 # scope
-                    if ns == scopes.shape[0]:
-                        scopes = _grow(scopes)
-                    scopes[ns, 0] = s2
-                    scopes[ns, 1] = e2
-                    ns += 1
-                elif t2 == 0x1A:               # schema_url
-                    if not _utf8_ok(buf, s2, e2):
-                        return fail
-                elif t2 != 0x12:               # metrics
-                    return fail
+            sc_s, sc_e = _header(buf, s, e)
+            if sc_s == -2:
+                return fail
+            if sc_s >= 0:
+                if ns == scopes.shape[0]:
+                    scopes = _grow(scopes)
+                scopes[ns, 0] = sc_s
+                scopes[ns, 1] = sc_e
+                ns += 1
             k = s
             while k < e:
                 t2, k = _varint(buf, k, e)

@@ -270,11 +270,7 @@ class Store:
         table = pa.table({"series_id": pa.array(series_ids, type=pa.int32()),
                           "ts": pa.array(ts, type=pa.int64()), "value": vals})
         with self.write_lock:
-            self.con.register("_incoming", table)
-            try:
-                self.con.execute("INSERT INTO samples_hot SELECT * FROM _incoming")
-            finally:
-                self.con.unregister("_incoming")
+            self.con.from_arrow(table).insert_into("samples_hot")   # as the writer appends
 
     def append_series(self, rows: Iterable[tuple[str, Mapping[str, str], int, float | None]]) -> int:
         """Convenience for tests and loaders: (metric, labels, ts_ms, value) rows."""
