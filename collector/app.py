@@ -9,7 +9,9 @@ create_app(config) opens the store, builds the single Writer, an apscheduler Bac
     collector.rules.service        /api/v1/rules, /api/v1/alerts (F)
     collector.health.api           health verdicts             (G1)
     collector.remediate.api        remediation                 (G2)
-Each module exposes make_router(ctx) -> fastapi.APIRouter. While the team builds in parallel a
+Each module exposes make_router(ctx) -> fastapi.APIRouter, except the two ingest receivers,
+whose make_endpoint(ctx) -> (path, handler) are served by plain-ASGI IngestRoutes ahead of
+FastAPI's router (collector.receive.common says why). While the team builds in parallel a
 missing module is logged and skipped.
 
 Authentication: when a token is configured every endpoint except /-/healthy and /-/ready needs
@@ -33,15 +35,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.catalog import catalog
 from collector.config import Config
+from collector.receive.common import IngestRoutes
 from collector.store.core import Store
 from collector.store.writer import Writer
 
 log = logging.getLogger("shopfloor.collector")
 disable_created_metrics()   # the *_created series only double what scrapers store
 
+INGEST_MODULES = ("collector.receive.otlp", "collector.receive.remote_write")
 ROUTER_MODULES = (
-    "collector.receive.otlp",
-    "collector.receive.remote_write",
     "collector.sql",
     "collector.promql.api",
     "collector.rules.service",
@@ -73,6 +75,13 @@ class IngestMetrics:
         series = Gauge(cat.prom("shopfloor.collector.series"), cat["shopfloor.collector.series"].help,
                        registry=registry)
         series.set_function(store.series_count)
+        self._requests: dict[tuple[str, int], Any] = {}
+
+    def request(self, protocol: str, status: int) -> None:
+        child = self._requests.get((protocol, status))
+        if child is None:   # labels() takes a lock and builds a key: done once per pair
+            child = self._requests[(protocol, status)] = self.requests.labels(protocol, str(status))
+        child.inc()
 
     def count(self, protocol: str, result) -> None:
         for outcome in ("accepted", "duplicate", "limited", "rejected"):
@@ -187,6 +196,8 @@ def create_app(config: Config, ctx: AppContext | None = None) -> FastAPI:
     from collector.store import maintenance   # rollups, compaction, retention, export
     maintenance.schedule(ctx)
 
+    ingest_routes = dict(importlib.import_module(module).make_endpoint(ctx) for module in INGEST_MODULES)
+    app.add_middleware(IngestRoutes, routes=ingest_routes)
     app.add_middleware(BodyLimitMiddleware, limit=config.ingest.max_body_bytes)
     if config.token:   # added last = runs first: no body is looked at before the token is checked
         app.add_middleware(AuthMiddleware, token=config.token)

@@ -19,7 +19,6 @@ error_message says why) - the response is in the request's encoding; 400 for an 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,8 +27,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -41,7 +38,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from agent.catalog import prometheus_label, prometheus_name
-from collector.receive.common import IngestError, IngestGate, decode_content, read_body
+from collector.receive.common import Answer, IngestError, IngestGate, batch_key, decode_content, read_asgi_body
 from collector.store.writer import INVALID, WriteResult
 
 log = logging.getLogger(__name__)
@@ -384,8 +381,8 @@ def decode_request(body: bytes, content_type: str) -> ExportMetricsServiceReques
     return req
 
 
-def media_type(request: Request) -> str:
-    ct = (request.headers.get("content-type") or PROTOBUF).split(";")[0].strip().lower()
+def media_type(content_type: bytes | None) -> str:
+    ct = (content_type or PROTOBUF.encode()).decode("latin-1").split(";")[0].strip().lower()
     if ct in (PROTOBUF, "application/protobuf", "application/octet-stream"):
         return PROTOBUF
     if ct == JSON:
@@ -443,7 +440,7 @@ class OtlpReceiver:
         body = decode_content(raw, encoding, self.ctx.config.ingest.max_decompressed_bytes)
         writer = self.ctx.writer
         # The batch key: a retried request carries the same bytes (see collector.store.writer).
-        key = hashlib.blake2b(body, digest_size=16, person=b"otlp").digest()
+        key = batch_key(b"otlp", body)
         resp = ExportMetricsServiceResponse()
         now_ms = int(time.time() * 1000)
         wire = self.wire
@@ -493,32 +490,30 @@ def _grpc_code(status: int) -> int:
     return {400: 3, 401: 16, 413: 8, 415: 3, 429: 8, 503: 14}.get(status, 13)
 
 
-def make_router(ctx) -> APIRouter:
-    router = APIRouter()
+def make_endpoint(ctx):
+    """("/v1/metrics", handler) for collector.receive.common.IngestRoutes."""
     receiver = OtlpReceiver(ctx)
     ctx.extras["otlp"] = receiver
     metrics = ctx.ingest_metrics
     limits = ctx.config.ingest
 
-    @router.post("/v1/metrics")
-    async def otlp_metrics(request: Request) -> Response:
+    async def otlp_metrics(headers: dict[bytes, bytes], receive) -> Answer:
         ct = PROTOBUF
         try:
-            ct = media_type(request)
-            raw = await read_body(request, limits.max_body_bytes)
-            async with receiver.gate.slot():
-                resp = await run_in_threadpool(receiver.ingest, raw, request.headers.get("content-encoding"), ct)
+            ct = media_type(headers.get(b"content-type"))
+            raw = await read_asgi_body(receive, headers.get(b"content-length"), limits.max_body_bytes)
+            encoding = headers.get(b"content-encoding")
+            resp = await receiver.gate.run(receiver.ingest, raw, encoding and encoding.decode("latin-1"), ct)
         except IngestError as exc:
-            metrics.requests.labels("otlp", str(exc.status)).inc()
-            headers = {}
+            metrics.request("otlp", exc.status)
+            extra = {}
             if exc.retry_after is not None:
-                headers["Retry-After"] = str(exc.retry_after)
+                extra["Retry-After"] = str(exc.retry_after)
                 metrics.shed.labels("otlp").inc()
-            return Response(_status_body(ct, exc.status, exc.message), status_code=exc.status,
-                            media_type=ct, headers=headers)
-        metrics.requests.labels("otlp", "200").inc()
+            return Answer(exc.status, _status_body(ct, exc.status, exc.message), ct, extra)
+        metrics.request("otlp", 200)
         if ct == JSON:
-            return Response(json_format.MessageToJson(resp), media_type=JSON)
-        return Response(resp.SerializeToString(), media_type=PROTOBUF)
+            return Answer(200, json_format.MessageToJson(resp).encode(), JSON)
+        return Answer(200, resp.SerializeToString(), PROTOBUF)
 
-    return router
+    return "/v1/metrics", otlp_metrics

@@ -20,16 +20,13 @@ body; 413 over the size limits; 429 + Retry-After when shedding load.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
 
-from fastapi import APIRouter, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from collector.receive.common import IngestError, IngestGate, decode_content, read_body
+from collector.receive.common import Answer, IngestError, IngestGate, batch_key, decode_content, read_asgi_body
 
 STALE_NAN_BITS = 0x7FF0000000000002
 
@@ -127,7 +124,7 @@ class RemoteWriteReceiver:
         except (DecodeError, RecursionError, ValueError) as exc:
             raise IngestError(400, f"cannot decode remote-write WriteRequest: {str(exc)[:300]}") from None
         rows, refused, reasons = translate(req)
-        key = hashlib.blake2b(body, digest_size=16, person=b"remote_write").digest()
+        key = batch_key(b"remote_write", body)
         result = self.ctx.writer.write(rows, batch_key=key)
         self.ctx.ingest_metrics.count("remote_write", result)
         if refused:
@@ -135,32 +132,29 @@ class RemoteWriteReceiver:
         return result.accepted + result.duplicate, refused + result.refused, "; ".join(reasons + result.errors)
 
 
-def make_router(ctx) -> APIRouter:
-    router = APIRouter()
+def make_endpoint(ctx):
+    """("/api/v1/write", handler) for collector.receive.common.IngestRoutes."""
     receiver = RemoteWriteReceiver(ctx)
     metrics = ctx.ingest_metrics
     limits = ctx.config.ingest
 
-    @router.post("/api/v1/write")
-    async def remote_write(request: Request) -> Response:
+    async def remote_write(headers: dict[bytes, bytes], receive) -> Answer:
         try:
-            raw = await read_body(request, limits.max_body_bytes)
-            async with receiver.gate.slot():
-                accepted, refused, message = await run_in_threadpool(
-                    receiver.ingest, raw, request.headers.get("content-encoding"))
+            raw = await read_asgi_body(receive, headers.get(b"content-length"), limits.max_body_bytes)
+            encoding = headers.get(b"content-encoding")
+            accepted, refused, message = await receiver.gate.run(
+                receiver.ingest, raw, encoding and encoding.decode("latin-1"))
         except IngestError as exc:
-            metrics.requests.labels("remote_write", str(exc.status)).inc()
-            headers = {}
+            metrics.request("remote_write", exc.status)
+            extra = {}
             if exc.retry_after is not None:
-                headers["Retry-After"] = str(exc.retry_after)
+                extra["Retry-After"] = str(exc.retry_after)
                 metrics.shed.labels("remote_write").inc()
-            return Response(exc.message + "\n", status_code=exc.status, media_type="text/plain",
-                            headers=headers)
+            return Answer(exc.status, (exc.message + "\n").encode(), "text/plain", extra)
         if refused:
-            metrics.requests.labels("remote_write", "400").inc()
-            return Response(f"{refused} samples refused ({accepted} stored): {message}\n",
-                            status_code=400, media_type="text/plain")
-        metrics.requests.labels("remote_write", "204").inc()
-        return Response(status_code=204)
+            metrics.request("remote_write", 400)
+            return Answer(400, f"{refused} samples refused ({accepted} stored): {message}\n".encode(), "text/plain")
+        metrics.request("remote_write", 204)
+        return Answer(204)
 
-    return router
+    return "/api/v1/write", remote_write

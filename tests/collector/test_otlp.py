@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 
 import httpx
 import pytest
@@ -136,6 +137,9 @@ def test_undecodable_wrong_type_and_unknown_encoding(collector):
         {"asDouble": "not-a-number", "timeUnixNano": "1"}]}}]}]}]}
     r = httpx.post(collector.url + "/v1/metrics", content=json.dumps(bad), headers={"Content-Type": "application/json"})
     assert r.status_code == 400
+    for path in ("/v1/metrics", "/api/v1/write"):   # the ingest endpoints take POST only
+        r = httpx.get(collector.url + path)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert collector.sql("SELECT name, labels, value FROM metrics") == []
 
 
@@ -152,9 +156,20 @@ def test_size_limits_and_gzip_bomb(tmp_path):
         r = httpx.post(c.url + "/v1/metrics", content=gzip.compress(ok), headers={**PB, "Content-Encoding": "gzip"})
         assert r.status_code == 200
         assert c.sql("SELECT count(*) FROM metrics")[0][0] == 16
+        # a chunked body (no Content-Length) is counted as it streams in
+        r = httpx.post(c.url + "/v1/metrics", content=iter([b"\0" * 15_000] * 2), headers=PB)
+        assert r.status_code == 413 and "exceeds the limit of 20000 bytes" in status_message(r)
+        r = httpx.post(c.url + "/v1/metrics", content=iter([ok[:100], ok[100:]]), headers=PB)
+        assert r.status_code == 200
+        assert c.sql("SELECT count(*) FROM metrics")[0][0] == 16   # the same batch again: stored once
         # every endpoint, not only ingest, refuses a body over the limit before reading it
         for path in ("/api/v1/sql", "/api/v1/query", "/api/v1/write"):
             assert httpx.post(c.url + path, content=b"x" * 20_001).status_code == 413
+
+
+def status_message(r) -> str:
+    from google.rpc import status_pb2
+    return status_pb2.Status.FromString(r.content).message
 
 
 def test_bearer_token(tmp_path):
@@ -173,14 +188,17 @@ def test_bearer_token(tmp_path):
 
 
 def test_gate_sheds_load_with_retry_after():
+    release = threading.Event()
+
     async def scenario():
         gate = IngestGate(max_inflight=1, wait_s=0.05, retry_after_s=3)
-        async with gate.slot():
-            with pytest.raises(IngestError) as err:
-                async with gate.slot():
-                    pass
+        busy = asyncio.ensure_future(gate.run(release.wait, 10))
+        await asyncio.sleep(0.01)
+        with pytest.raises(IngestError) as err:
+            await gate.run(lambda: None)
         assert err.value.status == 429 and err.value.retry_after == 3
-        async with gate.slot():   # free again once the first request is done
-            pass
+        release.set()
+        assert await busy is True
+        assert await gate.run(lambda x: x + 1, 1) == 2   # free again once the first request is done
 
     asyncio.run(scenario())
