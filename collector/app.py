@@ -75,6 +75,8 @@ class IngestMetrics:
         series = Gauge(cat.prom("shopfloor.collector.series"), cat["shopfloor.collector.series"].help,
                        registry=registry)
         series.set_function(store.series_count)
+        self.wire_path = Gauge(cat.prom("shopfloor.collector.ingest.wire_path"),
+                               cat["shopfloor.collector.ingest.wire_path"].help, registry=registry)
         self._requests: dict[tuple[str, int], Any] = {}
 
     def request(self, protocol: str, status: int) -> None:

@@ -495,6 +495,7 @@ def make_endpoint(ctx):
     receiver = OtlpReceiver(ctx)
     ctx.extras["otlp"] = receiver
     metrics = ctx.ingest_metrics
+    metrics.wire_path.set_function(lambda: float(receiver.wire is not None))
     limits = ctx.config.ingest
 
     async def otlp_metrics(headers: dict[bytes, bytes], receive) -> Answer:

@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -118,6 +119,17 @@ def test_retried_batch_is_stored_once(collector):
     assert collector.sql("SELECT count(*) FROM metrics")[0][0] == 16
     text = httpx.get(collector.url + "/metrics").text
     assert 'outcome="duplicate",protocol="otlp"} 32.0' in text
+
+
+def test_compiled_decoder_loads_and_is_reported(collector):
+    """The first request starts loading the compiled OTLP decoder in the background; /metrics
+    says when it is in use (0 before)."""
+    httpx.post(collector.url + "/v1/metrics", content=batch(3, 1, 1_700_000_000_000), headers=PB)
+    deadline = time.monotonic() + 180   # a first compile after install takes ~20 s
+    while "shopfloor_collector_ingest_wire_path 1.0" not in httpx.get(collector.url + "/metrics").text:
+        assert time.monotonic() < deadline, "the compiled OTLP decoder did not load"
+        time.sleep(0.5)
+    assert collector.sql("SELECT count(*) FROM metrics WHERE labels['node'] = 'node-003'")[0][0] == 16
 
 
 def test_undecodable_wrong_type_and_unknown_encoding(collector):
