@@ -1,6 +1,9 @@
 """Ingest benchmark: the collector against Prometheus 2.42 on the same fleet samples, same run.
 
     .venv/bin/python benchmarks/ingest.py [--nodes 16] [--minutes 30] [--step 10] [--clients 8]
+                                          [--protocol otlp|remote_write]
+
+With --protocol remote_write the collector is fed the very remote-write requests Prometheus gets.
 
 1. Renders a simulated fleet (agent.simulate: mixed B200 / Trainium2 nodes, every catalog metric)
    for --minutes of history ending at the last UTC midnight at least an hour ago (a closed day,
@@ -206,7 +209,11 @@ def _sql(url: str, query: str):
     return httpx.post(url + "/api/v1/sql", json={"query": query}, timeout=60).json()["data"]["rows"]
 
 
-def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
+REMOTE_WRITE_HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+                        "X-Prometheus-Remote-Write-Version": "0.1.0"}
+
+
+def bench_collector(tmp: Path, batches, clients: int, end_ms: int, protocol: str = "otlp") -> dict:
     port = free_port()
     db = tmp / "collector.duckdb"
     url = f"http://127.0.0.1:{port}"
@@ -214,11 +221,17 @@ def bench_collector(tmp: Path, batches, clients: int, end_ms: int) -> dict:
     proc = None
     try:
         proc = _start_collector(tmp, port, db, clients, 86_400, log)   # no maintenance pass while pushing
-        # timed once the compiled OTLP decoder is in use (loaded in the background after the
-        # first request; see collector/receive/otlp.py)
-        pushed = timed_push(url + "/v1/metrics", [(n, s, o, k) for n, s, o, _, k in batches], clients,
-                            {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}, proc.pid,
-                            ready=lambda: "shopfloor_collector_ingest_wire_path 1.0" in httpx.get(url + "/metrics").text)
+        # timed once the protocol's compiled decoder is in use (loaded in the background after
+        # the first request; see collector/receive/common.py, LoadedInBackground)
+        ready = f'shopfloor_collector_ingest_wire_path{{protocol="{protocol}"}} 1.0'
+        if protocol == "otlp":
+            path, headers = "/v1/metrics", {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}
+            bodies = [(n, s, o, k) for n, s, o, _, k in batches]
+        else:
+            path, headers = "/api/v1/write", REMOTE_WRITE_HEADERS
+            bodies = [(n, s, rw, k) for n, s, _, rw, k in batches]
+        pushed = timed_push(url + path, bodies, clients, headers, proc.pid,
+                            ready=lambda: ready in httpx.get(url + "/metrics").text)
         _stop_collector(proc)
         proc = _start_collector(tmp, port, db, clients, 2, log)
         # wait for the maintenance job to compact every closed hour and merge the closed day
@@ -290,8 +303,7 @@ def bench_prometheus(tmp: Path, batches, clients: int) -> dict:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/-/ready", 60, proc)
         pushed = timed_push(url + "/api/v1/write", [(n, s, rw, k) for n, s, _, rw, k in batches], clients,
-                            {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
-                             "X-Prometheus-Remote-Write-Version": "0.1.0"}, proc.pid)
+                            REMOTE_WRITE_HEADERS, proc.pid)
         head = httpx.get(url + "/api/v1/status/tsdb").json()["data"]["headStats"]
         snap = httpx.post(url + "/api/v1/admin/tsdb/snapshot", timeout=600).json()["data"]["name"]
         snap_bytes = dir_size(data / "snapshots" / snap)
@@ -308,6 +320,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=int, default=30)
     p.add_argument("--step", type=int, default=10)
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--protocol", choices=["otlp", "remote_write"], default="otlp",
+                   help="what the collector is fed: the agent's OTLP requests, or the same remote-write "
+                        "requests Prometheus gets")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     batches, start_ms, end_ms = render(args.nodes, args.minutes, args.step)
@@ -317,11 +332,12 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         (tmp / "c").mkdir()
         (tmp / "p").mkdir()
-        collector = bench_collector(tmp / "c", batches, args.clients, end_ms)
+        collector = bench_collector(tmp / "c", batches, args.clients, end_ms, args.protocol)
         print(f"collector: {collector['samples_per_s']} samples/s", file=sys.stderr)
         prom = bench_prometheus(tmp / "p", batches, args.clients)
     result = {"command": "benchmarks/ingest.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "nodes": args.nodes, "minutes": args.minutes, "step_s": args.step, "clients": args.clients,
+              "protocol": args.protocol, "nodes": args.nodes, "minutes": args.minutes, "step_s": args.step,
+              "clients": args.clients,
               "requests": len(batches), "samples": total, "cpus": os.cpu_count(),
               "collector": collector, "prometheus": prom}
     if "samples_per_s" in prom:

@@ -76,7 +76,7 @@ class IngestMetrics:
                        registry=registry)
         series.set_function(store.series_count)
         self.wire_path = Gauge(cat.prom("shopfloor.collector.ingest.wire_path"),
-                               cat["shopfloor.collector.ingest.wire_path"].help, registry=registry)
+                               cat["shopfloor.collector.ingest.wire_path"].help, ["protocol"], registry=registry)
         self._requests: dict[tuple[str, int], Any] = {}
 
     def request(self, protocol: str, status: int) -> None:

@@ -38,7 +38,8 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from agent.catalog import prometheus_label, prometheus_name
-from collector.receive.common import Answer, IngestError, IngestGate, batch_key, decode_content, read_asgi_body
+from collector.receive.common import (Answer, IngestError, IngestGate, LoadedInBackground, batch_key, decode_content,
+                                      read_asgi_body)
 from collector.store.writer import INVALID, WriteResult
 
 log = logging.getLogger(__name__)
@@ -397,29 +398,12 @@ class OtlpReceiver:
         self.gate = IngestGate(cfg.max_inflight, cfg.queue_timeout_s, cfg.retry_after_s)
         self.deltas = DeltaAccumulator()
         self.translator = Translator(self.deltas, ctx.writer)
-        # The compiled wire path (collector.receive.otlp_wire) is loaded in the background once
-        # the first request arrives (importing numba at start made it ~0.8 s slower): numba
-        # compiles it once (~15-20 s, then ~1 s from its disk cache), and until it is ready
-        # every request takes the general path, which gives the same result.
-        self.wire = None
-        self._wire_loading = threading.Lock()
-        self._wire_started = False
+        self.wire = LoadedInBackground("OTLP wire path", self._build_wire)
 
-    def _start_wire(self) -> None:
-        with self._wire_loading:
-            if not self._wire_started:
-                self._wire_started = True
-                threading.Thread(target=self._load_wire, name="otlp-wire-compile", daemon=True).start()
+    def _build_wire(self):
+        from collector.receive.wire import WirePath
 
-    def _load_wire(self) -> None:
-        try:
-            from collector.receive.otlp_wire import WirePath
-            t0 = time.perf_counter()
-            wire = WirePath(self.translator)
-            log.info("OTLP wire path ready in %.1f s", time.perf_counter() - t0)
-            self.wire = wire
-        except Exception:  # noqa: BLE001 - the general path still serves every request
-            log.exception("OTLP wire path unavailable; every request takes the general path")
+        return WirePath(self.translator)
 
     def _resolve_rows(self, rows: list, out: Resolved) -> None:
         """Histogram/summary/delta rows (built by the translator, so well-typed) -> series ids."""
@@ -443,9 +427,7 @@ class OtlpReceiver:
         key = batch_key(b"otlp", body)
         resp = ExportMetricsServiceResponse()
         now_ms = int(time.time() * 1000)
-        wire = self.wire
-        if wire is None and not self._wire_started:
-            self._start_wire()
+        wire = self.wire.get()
         if wire is not None and content_type == PROTOBUF:
             res = WriteResult()
             samples = wire.translate(body, now_ms, res)
@@ -495,7 +477,7 @@ def make_endpoint(ctx):
     receiver = OtlpReceiver(ctx)
     ctx.extras["otlp"] = receiver
     metrics = ctx.ingest_metrics
-    metrics.wire_path.set_function(lambda: float(receiver.wire is not None))
+    metrics.wire_path.labels("otlp").set_function(lambda: float(receiver.wire.value is not None))
     limits = ctx.config.ingest
 
     async def otlp_metrics(headers: dict[bytes, bytes], receive) -> Answer:

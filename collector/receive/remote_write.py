@@ -26,7 +26,9 @@ import time
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from collector.receive.common import Answer, IngestError, IngestGate, batch_key, decode_content, read_asgi_body
+from collector.receive.common import (Answer, IngestError, IngestGate, LoadedInBackground, batch_key, decode_content,
+                                      read_asgi_body)
+from collector.store.writer import TS_LIMIT, WriteResult
 
 STALE_NAN_BITS = 0x7FF0000000000002
 
@@ -86,18 +88,24 @@ def encode(series: list[tuple[dict[str, str], list[tuple[int, float]]]]) -> byte
     return bytes(cramjam.snappy.compress_raw(req.SerializeToString()))
 
 
+def series_labels(series) -> tuple[str | None, dict[str, str]]:
+    """(metric name or None, the other labels) of a TimeSeries; a repeated name keeps its last value."""
+    labels = {}
+    metric = None
+    for lab in series.labels:
+        if lab.name == "__name__":
+            metric = lab.value
+        else:
+            labels[lab.name] = lab.value
+    return metric, labels
+
+
 def translate(req) -> tuple[list, int, list[str]]:
     rows: list = []
     refused = 0
     reasons: list[str] = []
     for series in req.timeseries:
-        labels = {}
-        metric = None
-        for lab in series.labels:
-            if lab.name == "__name__":
-                metric = lab.value
-            else:
-                labels[lab.name] = lab.value
+        metric, labels = series_labels(series)
         if not metric:
             refused += len(series.samples)
             if len(reasons) < 5:
@@ -114,18 +122,32 @@ class RemoteWriteReceiver:
         self.ctx = ctx
         cfg = ctx.config.ingest
         self.gate = IngestGate(cfg.max_inflight, cfg.queue_timeout_s, cfg.retry_after_s)
+        self.wire = LoadedInBackground("remote-write wire path", self._build_wire)
+
+    def _build_wire(self):
+        from collector.receive.wire import RemoteWritePath
+
+        return RemoteWritePath(self.ctx.writer, series_labels, MESSAGES["TimeSeries"], STALE_NAN_BITS, TS_LIMIT)
 
     def ingest(self, raw: bytes, encoding: str | None) -> tuple[int, int, str]:
         """Returns (accepted, refused, message)."""
         body = decode_content(raw, encoding or "snappy", self.ctx.config.ingest.max_decompressed_bytes)
-        req = WriteRequest()
-        try:
-            req.ParseFromString(body)
-        except (DecodeError, RecursionError, ValueError) as exc:
-            raise IngestError(400, f"cannot decode remote-write WriteRequest: {str(exc)[:300]}") from None
-        rows, refused, reasons = translate(req)
         key = batch_key(b"remote_write", body)
-        result = self.ctx.writer.write(rows, batch_key=key)
+        writer = self.ctx.writer
+        wire = self.wire.get()
+        res = WriteResult()
+        walked = wire.translate(body, res) if wire is not None else None
+        if walked is not None:
+            sids, ts, values, stale, refused, reasons = walked
+            result = writer.write_resolved(sids, ts, values, key, res, nulls=stale)
+        else:
+            req = WriteRequest()
+            try:
+                req.ParseFromString(body)
+            except (DecodeError, RecursionError, ValueError) as exc:
+                raise IngestError(400, f"cannot decode remote-write WriteRequest: {str(exc)[:300]}") from None
+            rows, refused, reasons = translate(req)
+            result = writer.write(rows, batch_key=key)
         self.ctx.ingest_metrics.count("remote_write", result)
         if refused:
             self.ctx.ingest_metrics.samples.labels("remote_write", "rejected").inc(refused)
@@ -136,6 +158,7 @@ def make_endpoint(ctx):
     """("/api/v1/write", handler) for collector.receive.common.IngestRoutes."""
     receiver = RemoteWriteReceiver(ctx)
     metrics = ctx.ingest_metrics
+    metrics.wire_path.labels("remote_write").set_function(lambda: float(receiver.wire.value is not None))
     limits = ctx.config.ingest
 
     async def remote_write(headers: dict[bytes, bytes], receive) -> Answer:

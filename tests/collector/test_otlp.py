@@ -126,7 +126,7 @@ def test_compiled_decoder_loads_and_is_reported(collector):
     says when it is in use (0 before)."""
     httpx.post(collector.url + "/v1/metrics", content=batch(3, 1, 1_700_000_000_000), headers=PB)
     deadline = time.monotonic() + 180   # a first compile after install takes ~20 s
-    while "shopfloor_collector_ingest_wire_path 1.0" not in httpx.get(collector.url + "/metrics").text:
+    while 'shopfloor_collector_ingest_wire_path{protocol="otlp"} 1.0' not in httpx.get(collector.url + "/metrics").text:
         assert time.monotonic() < deadline, "the compiled OTLP decoder did not load"
         time.sleep(0.5)
     assert collector.sql("SELECT count(*) FROM metrics WHERE labels['node'] = 'node-003'")[0][0] == 16

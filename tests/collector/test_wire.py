@@ -1,4 +1,4 @@
-"""The compiled wire path (collector.receive.otlp_wire) against the general upb path.
+"""The compiled wire path (collector.receive.wire) against the general upb path.
 
 For the same request bytes both must give the same samples - series ids, timestamps, values and
 stale markers, in the same order - and the same refused counts; a request the wire path does not
@@ -29,7 +29,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from collector.app import make_context
 from collector.config import from_dict
 from collector.receive.otlp import PROTOBUF, OtlpReceiver, Resolved, decode_request
-from collector.receive.otlp_wire import FALLBACK, OK, WirePath, walk
+from collector.receive.wire import FALLBACK, OK, WirePath, walk
 from collector.store.writer import WriteResult
 from tests.collector.fleet import batch
 
@@ -265,7 +265,7 @@ def test_wire_path_stores_stale_markers_and_recognises_retries(paths):
     """Through OtlpReceiver.ingest into DuckDB: a stale point is stored as a NULL value, and the
     same bytes sent again are a duplicate batch, stored once."""
     receiver, wire = paths
-    receiver.wire = wire
+    receiver.wire.value = wire
     points = b"".join(field(1, NumberDataPoint(time_unix_nano=NOW_MS * 1_000_000, as_double=2.5, flags=flags,
                                                attributes=[kv("chip", chip)]).SerializeToString())
                       for chip, flags in (("0", 0), ("1", 1)))
