@@ -85,6 +85,15 @@ class IngestMetrics:
             child = self._requests[(protocol, status)] = self.requests.labels(protocol, str(status))
         child.inc()
 
+    def refusal(self, protocol: str, exc) -> dict[str, str]:
+        """Count an ingest request answered with an IngestError; the answer's extra headers
+        (Retry-After when it shed load)."""
+        self.request(protocol, exc.status)
+        if exc.retry_after is None:
+            return {}
+        self.shed.labels(protocol).inc()
+        return {"Retry-After": str(exc.retry_after)}
+
     def count(self, protocol: str, result) -> None:
         for outcome in ("accepted", "duplicate", "limited", "rejected"):
             n = getattr(result, outcome)

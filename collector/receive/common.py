@@ -222,4 +222,4 @@ class IngestRoutes:
             if answer.content_type:
                 headers.append((b"content-type", answer.content_type.encode("latin-1")))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body if answer.status != 204 else b""})
+        await send({"type": "http.response.body", "body": answer.body})

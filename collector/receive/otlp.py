@@ -488,12 +488,7 @@ def make_endpoint(ctx):
             encoding = headers.get(b"content-encoding")
             resp = await receiver.gate.run(receiver.ingest, raw, encoding and encoding.decode("latin-1"), ct)
         except IngestError as exc:
-            metrics.request("otlp", exc.status)
-            extra = {}
-            if exc.retry_after is not None:
-                extra["Retry-After"] = str(exc.retry_after)
-                metrics.shed.labels("otlp").inc()
-            return Answer(exc.status, _status_body(ct, exc.status, exc.message), ct, extra)
+            return Answer(exc.status, _status_body(ct, exc.status, exc.message), ct, metrics.refusal("otlp", exc))
         metrics.request("otlp", 200)
         if ct == JSON:
             return Answer(200, json_format.MessageToJson(resp).encode(), JSON)

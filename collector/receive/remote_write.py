@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from collector.receive.common import (Answer, IngestError, IngestGate, LoadedInBackground, batch_key, decode_content,
                                       read_asgi_body)
-from collector.store.writer import TS_LIMIT, WriteResult
+from collector.store.writer import WriteResult
 
 STALE_NAN_BITS = 0x7FF0000000000002
 
@@ -127,7 +127,7 @@ class RemoteWriteReceiver:
     def _build_wire(self):
         from collector.receive.wire import RemoteWritePath
 
-        return RemoteWritePath(self.ctx.writer, series_labels, MESSAGES["TimeSeries"], STALE_NAN_BITS, TS_LIMIT)
+        return RemoteWritePath(self.ctx.writer)
 
     def ingest(self, raw: bytes, encoding: str | None) -> tuple[int, int, str]:
         """Returns (accepted, refused, message)."""
@@ -168,12 +168,8 @@ def make_endpoint(ctx):
             accepted, refused, message = await receiver.gate.run(
                 receiver.ingest, raw, encoding and encoding.decode("latin-1"))
         except IngestError as exc:
-            metrics.request("remote_write", exc.status)
-            extra = {}
-            if exc.retry_after is not None:
-                extra["Retry-After"] = str(exc.retry_after)
-                metrics.shed.labels("remote_write").inc()
-            return Answer(exc.status, (exc.message + "\n").encode(), "text/plain", extra)
+            return Answer(exc.status, (exc.message + "\n").encode(), "text/plain",
+                          metrics.refusal("remote_write", exc))
         if refused:
             metrics.request("remote_write", 400)
             return Answer(400, f"{refused} samples refused ({accepted} stored): {message}\n".encode(), "text/plain")

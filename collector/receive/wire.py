@@ -29,7 +29,8 @@ from numba import njit
 from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
-from collector.store.writer import INVALID
+from collector.receive.remote_write import MESSAGES, STALE_NAN_BITS, series_labels
+from collector.store.writer import INVALID, TS_LIMIT
 
 OK, FALLBACK = 0, 1
 GAUGE, COUNTER, UPDOWN = 0, 1, 2      # metric kinds; the names' instrument for prometheus_name
@@ -612,17 +613,16 @@ def walk_remote_write(buf, seed1, seed2):
     return (OK, series[:ns], s_h1[:ns], s_h2[:ns], smp_series[:nsmp], smp_ts[:nsmp], smp_bits[:nsmp])
 
 
+TimeSeries = MESSAGES["TimeSeries"]
+
+
 class RemoteWritePath:
     """A WriteRequest through `walk_remote_write`: known series by hash; a new series' labels
     are parsed by upb and resolved by the same function the general path uses. translate()
     returns None when the request must take the general path."""
 
-    def __init__(self, writer, series_labels, time_series_type, stale_bits: int, ts_limit: int):
+    def __init__(self, writer):
         self.writer = writer
-        self.series_labels = series_labels        # TimeSeries -> (metric or None, labels)
-        self.time_series_type = time_series_type
-        self.stale_bits = np.uint64(stale_bits)
-        self.ts_limit = ts_limit
         self.known = KnownSeries()
         self.seed1, self.seed2 = (np.uint64(int.from_bytes(os.urandom(8), "little")) for _ in range(2))
         walk_remote_write(np.frombuffer(b"", np.uint8), self.seed1, self.seed2)   # compile or load
@@ -633,7 +633,7 @@ class RemoteWritePath:
         status, series, h1, h2, smp_series, smp_ts, smp_bits = walk_remote_write(buf, self.seed1, self.seed2)
         if status != OK:
             return None
-        if len(smp_ts) and (int(smp_ts.max()) >= self.ts_limit or int(smp_ts.min()) <= -self.ts_limit):
+        if len(smp_ts) and (int(smp_ts.max()) >= TS_LIMIT or int(smp_ts.min()) <= -TS_LIMIT):
             return None   # the general path words the error
         found, sids = self.known.lookup(h1, h2)
         refused = 0
@@ -642,13 +642,13 @@ class RemoteWritePath:
         todo = np.flatnonzero(~found)
         if len(todo):
             try:   # all parsed before any is resolved: a fallback must not leave ids allocated
-                parsed = [self.time_series_type.FromString(body[series[k, 0]:series[k, 1]]) for k in todo.tolist()]
+                parsed = [TimeSeries.FromString(body[series[k, 0]:series[k, 1]]) for k in todo.tolist()]
             except DecodeError:
                 return None
             per_series = np.bincount(smp_series, minlength=len(series))
             new_k: list[int] = []
             for k, ts_msg in zip(todo.tolist(), parsed):
-                metric, labels = self.series_labels(ts_msg)
+                metric, labels = series_labels(ts_msg)
                 n = int(per_series[k])
                 if metric and not n:
                     continue   # no samples: the general path never resolves it either
@@ -674,7 +674,7 @@ class RemoteWritePath:
                 self.known.add(h1[new_k], h2[new_k], sids[new_k])
         sample_sids = sids[smp_series]
         values = smp_bits.view(np.float64)
-        stale = smp_bits == self.stale_bits
+        stale = smp_bits == np.uint64(STALE_NAN_BITS)
         ts = smp_ts
         if keep_series is not None:
             keep = keep_series[smp_series]

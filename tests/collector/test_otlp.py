@@ -214,3 +214,20 @@ def test_gate_sheds_load_with_retry_after():
         assert await gate.run(lambda x: x + 1, 1) == 2   # free again once the first request is done
 
     asyncio.run(scenario())
+
+
+def test_refusals_are_counted_and_shedding_says_when_to_retry():
+    from prometheus_client import CollectorRegistry
+
+    from collector.app import IngestMetrics
+    from collector.store.core import Store
+
+    registry = CollectorRegistry()
+    metrics = IngestMetrics(registry, Store(":memory:"))
+    assert metrics.refusal("otlp", IngestError(429, "busy", retry_after=3)) == {"Retry-After": "3"}
+    assert metrics.refusal("remote_write", IngestError(400, "bad")) == {}
+    sample = registry.get_sample_value
+    assert sample("shopfloor_collector_ingest_requests_total", {"protocol": "otlp", "code": "429"}) == 1
+    assert sample("shopfloor_collector_ingest_shed_total", {"protocol": "otlp"}) == 1
+    assert sample("shopfloor_collector_ingest_requests_total", {"protocol": "remote_write", "code": "400"}) == 1
+    assert sample("shopfloor_collector_ingest_shed_total", {"protocol": "remote_write"}) is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,7 @@ from collector.config import from_dict
 from collector.receive.common import IngestError, LoadedInBackground
 from collector.receive.remote_write import STALE_NAN_BITS, RemoteWriteReceiver, WriteRequest
 from collector.receive.wire import FALLBACK, OK, walk_remote_write
-from tests.collector.test_wire import field, varint
+from tests.collector.test_wire import corrupted, field, varint
 
 LABEL_NAMES = ["__name__", "node", "chip", "bad-name", "", "le"]
 LABEL_VALUES = ["m1", "m2", "", "n1", "é", "x" * 20]
@@ -40,8 +41,7 @@ def receivers(tmp_path_factory, name):
 def pair(tmp_path_factory):
     """(general-path receiver, wire-path receiver), each on its own store."""
     ctx_g, general = receivers(tmp_path_factory, "general")
-    general.wire = LoadedInBackground("off", lambda: None)
-    general.wire._started = True               # never loads: every request takes the general path
+    general.wire = LoadedInBackground("no wire path", lambda: None)   # every request: the general path
     ctx_w, wired = receivers(tmp_path_factory, "wire")
     wired.wire.value = wired._build_wire()      # loaded now, not in the background
     yield general, wired
@@ -143,11 +143,7 @@ def test_corrupted_bodies_are_never_read_differently(pair, data):
     """Any body, however broken, is answered and stored the same on both paths (so the wire
     path never accepts what upb refuses, nor reads it differently)."""
     general, wired = pair
-    body = bytearray(data.draw(request_bytes()))
-    for _ in range(data.draw(st.integers(1, 3))):
-        if body:
-            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
-    body = bytes(body[:data.draw(st.integers(0, len(body)))])
+    body = corrupted(data, data.draw(request_bytes()))
     assert answer(wired, body) == answer(general, body)
     assert stored(wired) == stored(general)
 
@@ -160,6 +156,4 @@ def answer(receiver, body: bytes):
 
 
 def path_buf(body: bytes):
-    import numpy as np
-
     return np.frombuffer(body, np.uint8)

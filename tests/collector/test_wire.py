@@ -188,16 +188,21 @@ def test_wire_and_general_paths_give_the_same_samples(paths, bodies):
         assert_same(receiver, wire, body)
 
 
+def corrupted(data, body: bytes) -> bytes:
+    """body with 1-3 bytes overwritten, then cut at a drawn length."""
+    body = bytearray(body)
+    for _ in range(data.draw(st.integers(1, 3))):
+        if body:
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(body[:data.draw(st.integers(0, len(body)))])
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_corrupted_bodies_are_never_read_differently(paths, data):
     """A body the wire path accepts is one upb accepts too, read the same way."""
     receiver, wire = paths
-    body = bytearray(data.draw(request_bytes()))
-    for _ in range(data.draw(st.integers(1, 3))):
-        if body:
-            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
-    body = bytes(body[:data.draw(st.integers(0, len(body)))])
+    body = corrupted(data, data.draw(request_bytes()))
     # walk leaves resources and scopes to upb (cached by their bytes), so ask the whole path
     if wire.translate(body, NOW_MS, WriteResult()) is not None:
         try:
